@@ -1,0 +1,12 @@
+"""ldae-models: denoising-based self-supervised vision encoders for timm.
+
+``import ldae_models`` registers the models with timm; then ``timm.create_model('ldae_vit_l')``.
+"""
+from .features import extract_features
+from .layers import PatchPCA
+from .models import AdaLNViT, LDAEEncoder, LatentDAE, create_dae, list_daes
+
+__version__ = '0.1.0'
+
+__all__ = ['AdaLNViT', 'LDAEEncoder', 'LatentDAE', 'PatchPCA', 'create_dae', 'extract_features', 'list_daes',
+           '__version__']

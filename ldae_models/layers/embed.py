@@ -1,0 +1,82 @@
+"""Fixed embeddings shared by the DiT-style models: 2-D sin-cos positions and the timestep embedder.
+
+Both follow the official DiT code (facebookresearch/DiT, ``models.py``) formula for formula, so that
+checkpoints trained with it load and compute the same thing here.
+"""
+import math
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ['sincos_pos_embed_2d', 'timestep_frequency_embedding', 'TimestepEmbedder']
+
+
+def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """MAE's 1-D embedding: ``[sin(pos * omega), cos(pos * omega)]``, sin first, in float64."""
+    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
+    omega = 1.0 / 10000 ** omega  # (dim/2,)
+    out = pos.reshape(-1, 1).to(torch.float64) * omega[None]  # (M, dim/2)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (M, dim)
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: Tuple[int, int]) -> torch.Tensor:
+    """The fixed 2-D sin-cos position embedding of MAE and DiT.
+
+    The first half of the channels encodes the column (w) index and the second half the row (h) index,
+    which is what ``np.meshgrid(grid_w, grid_h)`` followed by ``grid[0]`` gives in the reference code.
+
+    Args:
+        embed_dim: Channels, divisible by 4.
+        grid_size: (rows, columns) of the patch grid.
+
+    Returns:
+        Tensor (rows * columns, embed_dim), float32, tokens in row-major order.
+    """
+    if embed_dim % 4 != 0:
+        raise ValueError(f'sin-cos position embedding needs embed_dim divisible by 4, got {embed_dim}')
+    gh, gw = grid_size
+    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing='ij')
+    emb_w = _sincos_1d(embed_dim // 2, cols)  # first half: column index
+    emb_h = _sincos_1d(embed_dim // 2, rows)  # second half: row index
+    return torch.cat([emb_w, emb_h], dim=1).float()
+
+
+def timestep_frequency_embedding(t: torch.Tensor, dim: int = 256, max_period: int = 10000) -> torch.Tensor:
+    """DiT's sinusoidal timestep embedding: ``[cos(t * f), sin(t * f)]`` (cos first).
+
+    ``f_i = exp(-ln(max_period) * i / half)`` for ``i < half = dim // 2``. ``t`` is the timestep index
+    (0..999 in DiT and l-DAE), not a fraction.
+
+    Args:
+        t: (N,) timesteps, may be fractional.
+        dim: Embedding size.
+        max_period: Controls the lowest frequency.
+
+    Returns:
+        Tensor (N, dim) in float32.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """Embeds scalar timesteps into vectors: frequency embedding, then Linear, SiLU, Linear (DiT)."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256) -> None:
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = timestep_frequency_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (N, hidden)
