@@ -84,7 +84,7 @@ class AdaLNViT(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         reduction = patch_size
         self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
-        self.t = self._check_t(torch.as_tensor(t)).item()
+        self.t = self._check_t(torch.as_tensor(t, device='cpu')).item()
         self.init_weights()
 
     # -- initialisation ----------------------------------------------------------------------------
