@@ -5,8 +5,11 @@
 from .features import extract_features
 from .layers import PatchPCA
 from .models import AdaLNViT, LDAEEncoder, LatentDAE, create_dae, list_daes
+from .pretrained import (CheckpointError, CheckpointMismatchError, ChecksumError, export_timm, load_pretrained,
+                         push_to_hub, read_checkpoint, save_pretrained)
 
 __version__ = '0.1.0'
 
 __all__ = ['AdaLNViT', 'LDAEEncoder', 'LatentDAE', 'PatchPCA', 'create_dae', 'extract_features', 'list_daes',
-           '__version__']
+           'CheckpointError', 'CheckpointMismatchError', 'ChecksumError', 'export_timm', 'load_pretrained',
+           'push_to_hub', 'read_checkpoint', 'save_pretrained', '__version__']

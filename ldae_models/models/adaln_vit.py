@@ -297,8 +297,10 @@ class AdaLNViT(nn.Module):
         norm_eps = {blk.norm2.eps for blk in self.blocks} | {blk.norm1.eps for blk in self.blocks}
         if norm_eps != {1e-6}:
             raise ValueError(f'merge needs LayerNorm eps 1e-6 in every block (timm ViT), got {sorted(norm_eps)}')
-        vit = VisionTransformer(**self.vit_args())
+        args = self.vit_args()
+        vit = VisionTransformer(**args)
         vit.load_state_dict(self.merged_state_dict(t_val), strict=True)
+        vit.vit_args = args  # how to rebuild it with timm alone (used by export)
         vit.to(self.pos_embed.device)
         vit.train(self.training)
         cfg = dict(getattr(self, 'pretrained_cfg', None) or {})

@@ -34,8 +34,11 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import FeatureGetterNet, feature_take_indices
 from timm.models._builder import pretrained_cfg_for_features
 
+from timm.layers import resample_abs_pos_embed
+
 from ..layers.blocks import AdaLNBlock, FinalLayer, init_adaln_weights
 from ..layers.pca import PatchPCA, patchify
+from ..pretrained import load_pretrained, unwrap_state_dict
 from .adaln_vit import AdaLNViT, TimestepT
 
 __all__ = ['LDAEEncoder', 'LatentDAE', 'create_dae', 'list_daes', 'sigma_schedule', 'MODEL_CONFIGS', 'MODEL_ALIASES']
@@ -349,35 +352,32 @@ def create_dae(name: str, **kwargs: Any) -> LatentDAE:
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Take an encoder state dict out of an encoder or full-DAE checkpoint (keys ``encoder.*``)."""
-    for key in ('model', 'ema', 'state_dict'):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
-    out = {}
-    has_encoder_prefix = any(k.startswith('encoder.') for k in state_dict)
-    for k, v in state_dict.items():
-        for prefix in ('module.', '_orig_mod.'):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        if has_encoder_prefix:
-            if not k.startswith('encoder.'):
-                continue  # decoder blocks and final layer of a DAE checkpoint
-            k = k[len('encoder.'):]
-        out[k] = v
-    return out
+    """Convert a checkpoint into the state dict of an ``LDAEEncoder``.
+
+    Accepts encoder checkpoints and full-DAE checkpoints (keys ``encoder.*``; the decoder is dropped),
+    wrapped or not (``model``/``ema``/``state_dict``, ``module.``, ``_orig_mod.``), and resamples the
+    position embedding when the checkpoint's grid differs from the model's.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    if any(k.startswith('encoder.') for k in state_dict):
+        state_dict = {k[len('encoder.'):]: v for k, v in state_dict.items() if k.startswith('encoder.')}
+    pos = state_dict.get('pos_embed')
+    own = getattr(model, 'pos_embed', None)
+    if pos is not None and own is not None and pos.shape != own.shape:
+        state_dict['pos_embed'] = resample_abs_pos_embed(
+            pos, new_size=model.patch_embed.grid_size, num_prefix_tokens=0)
+    return state_dict
 
 
 def _create_ldae_encoder(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     merged = kwargs.pop('merged', True)
     features_only = kwargs.pop('features_only', False)
     out_indices = kwargs.pop('out_indices', 3)
+    cache_dir = kwargs.pop('cache_dir', None)
     kwargs.pop('feature_cls', None)  # features come from forward_intermediates (timm's 'getter')
-    model = build_model_with_cfg(
-        LDAEEncoder, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        **{**MODEL_CONFIGS[variant], **kwargs},
-    )
+    model = build_model_with_cfg(LDAEEncoder, variant, pretrained=False, **{**MODEL_CONFIGS[variant], **kwargs})
+    if pretrained:  # ldae_models' loader: sha256 checks, safe reading, strict load with a full report
+        load_pretrained(model, model.pretrained_cfg, filter_fn=checkpoint_filter_fn, cache_dir=cache_dir)
     if merged:
         model = model.merge()
     if features_only:
