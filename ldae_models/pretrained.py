@@ -223,9 +223,12 @@ def read_checkpoint(path: PathLike) -> Dict[str, Any]:
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f'refusing to load {path}: it is a pickle with objects other than tensors and plain '
-                              f'containers, which weights_only loading does not unpickle (nothing in it was run). '
-                              f'Convert trusted files to safetensors. Detail: {str(e).splitlines()[0]}') from e
+        globals_ = [ln.strip() for ln in str(e).splitlines() if 'Unsupported global' in ln]
+        if globals_:
+            raise CheckpointError(f'refusing to load {path}: it is a pickle that references code or objects other '
+                                  f'than tensors and plain containers ({globals_[0]}); weights_only loading does not '
+                                  f'unpickle them, so nothing in it was run. Convert trusted files to safetensors.') from e
+        raise CheckpointError(f'{path} is not a readable checkpoint (truncated, corrupt, or not a torch file)') from e
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f'{path} is not a readable checkpoint (truncated or corrupt?): {e}') from e
 

@@ -1,4 +1,10 @@
-"""Shared helpers: tiny configs, randomised weights, an error measure."""
+"""Shared helpers: tiny configs, randomised weights, an error measure, a fake Hugging Face cache."""
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')  # the suite never reaches the network
+
 import pytest
 import torch
 
@@ -35,3 +41,15 @@ def tiny_dae():
     dae = ldae_models.LatentDAE(**TINY)
     dae.fit_tokenizer([smooth_images(8, seed=s) for s in range(4)])
     return randomize_(dae).eval()
+
+
+def fake_hf_cache(root: Path, repo_id: str, files: dict, commit: str = 'a' * 40) -> Path:
+    """Lay out ``root`` as a Hugging Face hub cache holding ``files`` ({name: source path}) for ``repo_id``."""
+    repo = Path(root) / ('models--' + repo_id.replace('/', '--'))
+    (repo / 'refs').mkdir(parents=True, exist_ok=True)
+    (repo / 'refs' / 'main').write_text(commit)
+    snap = repo / 'snapshots' / commit
+    snap.mkdir(parents=True, exist_ok=True)
+    for name, src in files.items():
+        shutil.copy(src, snap / name)
+    return snap

@@ -363,7 +363,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
         state_dict = {k[len('encoder.'):]: v for k, v in state_dict.items() if k.startswith('encoder.')}
     pos = state_dict.get('pos_embed')
     own = getattr(model, 'pos_embed', None)
-    if pos is not None and own is not None and pos.shape != own.shape:
+    if pos is not None and own is not None and pos.shape != own.shape and pos.dim() == 3 \
+            and pos.shape[-1] == own.shape[-1] and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
+        # a square grid of the same width: resample (anything else is left for the strict load to report)
         state_dict['pos_embed'] = resample_abs_pos_embed(
             pos, new_size=model.patch_embed.grid_size, num_prefix_tokens=0)
     return state_dict
