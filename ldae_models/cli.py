@@ -2,6 +2,10 @@
 
     ldae-models features                      # features of sample images, default model
     ldae-models features --layers 5 11 --ts 0 10 80 --noise --out feats.safetensors
+    ldae-models list                          # models and pretrained tags, offline availability
+    ldae-models info ldae_vit_b               # config, sizes, weight source
+    ldae-models convert train_ckpt.pth model.safetensors --model ldae_vit_tiny_patch4_32
+    ldae-models export ldae_vit_tiny_patch4_32.cifar10 --t 10 out_dir/
 """
 import argparse
 import os
@@ -72,6 +76,102 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_args(args: argparse.Namespace) -> dict:
+    import json
+    if not args.model_args:
+        return {}
+    try:
+        value = json.loads(args.model_args)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f'--model-args is not valid JSON: {e}')
+    if not isinstance(value, dict):
+        raise SystemExit('--model-args must be a JSON object, e.g. \'{"depth": 6}\'')
+    return value
+
+
+def _has_weights_name(name: str) -> bool:
+    return name.startswith(('hf-hub:', 'local-dir:')) or '.' in name.split(':')[-1].split('/')[-1]
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import timm
+    import ldae_models  # noqa: F401
+    from .pretrained import weights_available_offline
+    models = timm.list_models(args.pattern)
+    tags = set(timm.list_pretrained(args.pattern))
+    print(f'{len(models)} models matching {args.pattern!r}; pretrained tags marked [offline] have their bytes here')
+    for m in models:
+        print(m)
+        for tag in sorted(t for t in tags if t.split('.', 1)[0] == m):
+            cfg = timm.models.get_pretrained_cfg(tag).to_dict()
+            mark = '[offline]' if weights_available_offline(cfg) else '[download]'
+            src = cfg.get('file') and 'packaged' or cfg.get('hf_hub_id') or cfg.get('url')
+            print(f'    {tag:50s} {mark:10s} {src}  license={cfg.get("license")}')
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+    import timm
+    import ldae_models  # noqa: F401
+    from .pretrained import cfg_sha256, weights_available_offline
+    try:
+        with torch.device('meta'):
+            enc = timm.create_model(args.name, merged=False)
+    except RuntimeError as e:
+        raise SystemExit(str(e))
+    cfg = dict(enc.pretrained_cfg)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    print(f'{args.name}')
+    print(f'  class: {type(enc).__name__}; blocks: {len(enc.blocks)}; width: {enc.embed_dim}; fixed t: {enc.t}')
+    print(f'  parameters: conditional {count(enc):,}')
+    if hasattr(enc, 'vit_args'):
+        from timm.models import VisionTransformer
+        with torch.device('meta'):
+            print(f'  parameters: merged {count(VisionTransformer(**enc.vit_args())):,}')
+    has = bool(cfg.get('file') or cfg.get('hf_hub_id') or cfg.get('url'))
+    print(f'  weights: {"yes" if has else "none"}' + (f' (offline: {weights_available_offline(cfg)}, '
+                                                      f'sha256: {cfg_sha256(cfg)})' if has else ''))
+    shown = {k: v for k, v in cfg.items() if k not in ('state_dict',)}
+    print('  pretrained cfg: ' + json.dumps(shown, default=str, indent=2).replace('\n', '\n  '))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+    from .pretrained import read_checkpoint, unwrap_state_dict
+    if args.model:  # through the model's own filter and strict load: the result is known to fit
+        import timm
+        import ldae_models  # noqa: F401
+        model = timm.create_model(args.model, pretrained=True, merged=False,
+                                  pretrained_cfg_overlay=dict(file=args.src), **_model_args(args))
+        state = model.state_dict()
+    else:
+        state = unwrap_state_dict(read_checkpoint(args.src), prefer_ema=args.ema)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, args.dst,
+              metadata={'format': 'pt', **({'architecture': args.model} if args.model else {})})
+    print(f'wrote {args.dst}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} values')
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import timm
+    import ldae_models  # noqa: F401
+    from .pretrained import export_timm
+    kw = {}
+    if args.checkpoint:
+        kw['pretrained_cfg_overlay'] = dict(file=args.checkpoint)
+    pretrained = bool(args.checkpoint) or _has_weights_name(args.name)
+    if not pretrained and not args.allow_random:
+        raise SystemExit(f'{args.name} names no weights: give a tag (NAME.TAG), local-dir:/hf-hub:, --checkpoint FILE, '
+                         f'or --allow-random to export random weights')
+    merged = timm.create_model(args.name, pretrained=pretrained, merged=True, t=args.t, **kw, **_model_args(args))
+    out = export_timm(merged, args.dst, source=args.name)
+    print(f'wrote {out} (timm architecture {merged.pretrained_cfg.get("architecture", "vit")} merged at t={args.t}); '
+          f"load it with timm alone: timm.create_model('local-dir:{out}', pretrained=True)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='ldae-models', description='Denoising-based self-supervised encoders for timm.')
     sub = ap.add_subparsers(dest='command', required=True)
@@ -88,6 +188,36 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument('--seed', type=int, default=0, help='seed of the noise')
     f.add_argument('--out', help='save the features to this .safetensors file')
     f.set_defaults(func=cmd_features)
+
+    p = sub.add_parser('list', help='list models and pretrained tags', description='List registered models and '
+                       'their pretrained tags, marking the tags whose weights are on this machine.')
+    p.add_argument('pattern', nargs='?', default='ldae*', help='timm wildcard (default: %(default)s)')
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser('info', help='describe a model', description='Print a model\'s configuration, sizes and '
+                       'weight source.')
+    p.add_argument('name', help='model name, alias or NAME.TAG')
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser('convert', help='convert a checkpoint to safetensors', description='Read a checkpoint safely '
+                       '(safetensors, or torch.load with weights_only) in any supported layout and write safetensors.')
+    p.add_argument('src', help='input checkpoint (.safetensors, .pt, .pth, .bin, training checkpoint)')
+    p.add_argument('dst', help='output .safetensors file')
+    p.add_argument('--model', help="convert through this model's filter and check that every key fits it")
+    p.add_argument('--model-args', help='JSON object of model keyword arguments, e.g. \'{"depth": 6}\'')
+    p.add_argument('--ema', action='store_true', help='prefer the EMA weights of a training checkpoint')
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser('export', help='export a merged encoder as a plain timm checkpoint',
+                       description='Merge an encoder at a fixed t and save it as a folder (model.safetensors, '
+                                   'config.json, README.md) that timm loads without ldae_models.')
+    p.add_argument('name', help='NAME.TAG, local-dir:PATH or hf-hub:ORG/NAME')
+    p.add_argument('dst', help='output folder')
+    p.add_argument('--t', type=int, default=10, help='timestep folded into the weights (default: %(default)s)')
+    p.add_argument('--checkpoint', help='weights file to load into NAME first')
+    p.add_argument('--model-args', help='JSON object of model keyword arguments, e.g. \'{"depth": 6}\'')
+    p.add_argument('--allow-random', action='store_true', help='export even when no weights are named')
+    p.set_defaults(func=cmd_export)
     return ap
 
 

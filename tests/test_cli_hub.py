@@ -50,3 +50,73 @@ def test_torch_hub_local():
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 192)
     enc = torch.hub.load(REPO, 'ldae_vit_l', source='local', pretrained=False, merged=False, depth=2)
     assert enc.embed_dim == 1024 and len(enc.blocks) == 2
+
+
+# -- weights commands ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def ckpt(tmp_path):
+    import ldae_models
+    from conftest import randomize_, smooth_images
+    dae = ldae_models.create_dae('ldae_vit_tiny_patch4_32', depth=1)
+    dae.fit_tokenizer([smooth_images(4, size=32)])
+    randomize_(dae)
+    path = tmp_path / 'train.pth'
+    torch.save({'model': {'module.' + k: v for k, v in dae.state_dict().items()}, 'epoch': 1}, path)
+    return dae, path
+
+
+def test_list_and_info(capsys):
+    from ldae_models.cli import main
+    assert main(['list']) == 0
+    out = capsys.readouterr().out
+    assert 'ldae_vit_large_patch16_256' in out and 'ldae_vit_tiny_patch4_32' in out
+    assert main(['info', 'ldae_vit_b']) == 0
+    out = capsys.readouterr().out
+    assert 'merged 85,841,664' in out and 'arXiv:2401.14404' in out
+    with pytest.raises(SystemExit, match='Unknown model'):
+        main(['info', 'ldae_vit_nonexistent'])
+
+
+def test_convert_training_checkpoint(ckpt, tmp_path):
+    import ldae_models
+    from ldae_models.cli import main
+    dae, path = ckpt
+    dst = tmp_path / 'enc.safetensors'
+    # through the model: DAE layout and DDP prefixes unwrapped, every key checked against the model
+    with pytest.raises(ldae_models.CheckpointMismatchError, match='missing keys: blocks.1'):
+        main(['convert', str(path), str(dst), '--model', 'ldae_vit_tiny_patch4_32'])  # 12 blocks, file has 1
+    assert main(['convert', str(path), str(dst), '--model', 'ldae_vit_tiny_patch4_32', '--model-args',
+                 '{"depth": 1}']) == 0
+    enc = load_file(str(dst))
+    assert enc.keys() == dae.encoder.state_dict().keys()
+    assert all(torch.equal(enc[k], v) for k, v in dae.encoder.state_dict().items())
+    # without a model: only unwrapped and written as safetensors
+    raw = tmp_path / 'raw.safetensors'
+    assert main(['convert', str(path), str(raw)]) == 0
+    sd = load_file(str(raw))
+    assert sd.keys() == dae.state_dict().keys() and all(torch.equal(sd[k], v) for k, v in dae.state_dict().items())
+    with pytest.raises(SystemExit, match='not valid JSON'):
+        main(['convert', str(path), str(dst), '--model', 'ldae_vit_tiny_patch4_32', '--model-args', '{depth'])
+
+
+def test_export_command_loads_with_timm(ckpt, tmp_path):
+    import timm
+    from ldae_models.cli import main
+    dae, path = ckpt
+    with pytest.raises(SystemExit, match='names no weights'):
+        main(['export', 'ldae_vit_tiny_patch4_32', str(tmp_path / 'x')])
+    out = tmp_path / 'export'
+    assert main(['export', 'ldae_vit_tiny_patch4_32', str(out), '--t', '20', '--checkpoint', str(path),
+                 '--model-args', '{"depth": 1}']) == 0
+    vit = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = dae.encoder.eval()(x, 20)
+        assert ((vit(x) - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize('cmd', ['list', 'info', 'convert', 'export', 'features'])
+def test_help_of_each_command(cmd):
+    r = subprocess.run([sys.executable, '-m', 'ldae_models', cmd, '--help'], capture_output=True, text=True)
+    assert r.returncode == 0 and 'usage' in r.stdout
