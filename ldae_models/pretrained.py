@@ -105,7 +105,10 @@ def _hf_download(repo_id: str, filename: Optional[str], cache_dir: Optional[Path
     revision = None
     if '@' in repo_id:
         repo_id, revision = repo_id.split('@', 1)
-    names = [filename] if filename else [SAFETENSORS_NAME, PICKLE_NAME]
+    if filename and filename.endswith('.safetensors'):  # safetensors first, then the pickle of the same name
+        names = [filename, filename[:-len('.safetensors')] + '.bin']
+    else:
+        names = [filename] if filename else [SAFETENSORS_NAME, PICKLE_NAME]
     last: Optional[Exception] = None
     for name in names:
         try:

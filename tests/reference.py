@@ -82,3 +82,19 @@ def reference_encoder(sd, images, t, patch, heads, num_blocks):
     t = torch.as_tensor(t).reshape(-1).expand(images.shape[0])
     c = linear(F.silu(linear(dit_timestep_embedding(t), sd, 't_embedder.mlp.0')), sd, 't_embedder.mlp.2')
     return reference_blocks(sd, x, c, num_blocks, heads)
+
+
+def reference_dit(sd, x, t, y, patch, heads, depth, out_channels):
+    """The official DiT forward from its state dict: returns (output, [hidden after every block])."""
+    B, _, H, W = x.shape
+    h = F.conv2d(x, sd['x_embedder.proj.weight'], sd['x_embedder.proj.bias'], stride=patch).flatten(2).transpose(1, 2)
+    h = h + mae_sincos_pos_embed(h.shape[-1], H // patch)[None]
+    t = torch.as_tensor(t).reshape(-1).expand(B)
+    c = linear(F.silu(linear(dit_timestep_embedding(t), sd, 't_embedder.mlp.0')), sd, 't_embedder.mlp.2')
+    c = c + sd['y_embedder.embedding_table.weight'][torch.as_tensor(y).reshape(-1).expand(B)]
+    hidden = reference_blocks(sd, h, c, depth, heads)
+    shift, scale = linear(F.silu(c), sd, 'final_layer.adaLN_modulation.1')[:, None].chunk(2, dim=-1)
+    out = linear(layer_norm(hidden[-1], 1e-6) * (1 + scale) + shift, sd, 'final_layer.linear')
+    g = H // patch
+    out = out.reshape(B, g, g, patch, patch, out_channels).permute(0, 5, 1, 3, 2, 4)
+    return out.reshape(B, out_channels, H, W), hidden

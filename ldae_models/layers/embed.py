@@ -4,12 +4,12 @@ Both follow the official DiT code (facebookresearch/DiT, ``models.py``) formula 
 checkpoints trained with it load and compute the same thing here.
 """
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-__all__ = ['sincos_pos_embed_2d', 'timestep_frequency_embedding', 'TimestepEmbedder']
+__all__ = ['sincos_pos_embed_2d', 'timestep_frequency_embedding', 'TimestepEmbedder', 'LabelEmbedder']
 
 
 def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -80,3 +80,28 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         t_freq = timestep_frequency_embedding(t, self.frequency_embedding_size)
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (N, hidden)
+
+
+class LabelEmbedder(nn.Module):
+    """DiT's class-label embedding; row ``num_classes`` is the null label used for classifier-free guidance.
+
+    With ``dropout_prob > 0`` the table has ``num_classes + 1`` rows and, in training, labels are replaced by
+    the null label with that probability (DiT's label dropout).
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float = 0.1) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def forward(self, labels: torch.Tensor, train: bool = False,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if train and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape, generator=generator, device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels)

@@ -120,8 +120,10 @@ class AdaLNViT(nn.Module):
                              f'got shape {tuple(t.shape)}')
         return self._check_t(t)
 
-    def condition(self, t: TimestepT, batch_size: int, device: torch.device) -> torch.Tensor:
-        """The conditioning vector ``c`` (1 or B, W) for timestep(s) ``t``."""
+    def condition(self, t: TimestepT, batch_size: int, device: torch.device, **cond: Any) -> torch.Tensor:
+        """The conditioning vector ``c`` (1 or B, W) for timestep(s) ``t`` (subclasses add other inputs)."""
+        if cond:
+            raise TypeError(f'{type(self).__name__} takes no conditioning besides t, got {sorted(cond)}')
         return self.t_embedder(self.timesteps(t, batch_size, device))
 
     # -- input -------------------------------------------------------------------------------------
@@ -160,10 +162,10 @@ class AdaLNViT(nn.Module):
         return blk(x, c)
 
     # -- forward -----------------------------------------------------------------------------------
-    def forward_features(self, x: torch.Tensor, t: TimestepT = None) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, t: TimestepT = None, **cond: Any) -> torch.Tensor:
         """Images -> output tokens (B, N, W) of the last block (no final norm, as in l-DAE)."""
         x = self.embed(x)
-        c = self.condition(t, x.shape[0], x.device)
+        c = self.condition(t, x.shape[0], x.device, **cond)
         for blk in self.blocks:
             x = self._run_block(blk, x, c)
         return x
@@ -175,8 +177,8 @@ class AdaLNViT(nn.Module):
         x = self.head_drop(self.pool(x))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor, t: TimestepT = None) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x, t))
+    def forward(self, x: torch.Tensor, t: TimestepT = None, **cond: Any) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, t, **cond))
 
     def forward_intermediates(
             self,
@@ -188,6 +190,7 @@ class AdaLNViT(nn.Module):
             stop_early: bool = False,
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
+            **cond: Any,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """timm's ``forward_intermediates`` with a timestep: block outputs at ``indices`` (timm's rules).
 
@@ -199,7 +202,7 @@ class AdaLNViT(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         B, _, height, width = x.shape
         x = self.embed(x)
-        c = self.condition(t, B, x.device)
+        c = self.condition(t, B, x.device, **cond)
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
         intermediates = []
         for i, blk in enumerate(blocks):

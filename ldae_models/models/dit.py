@@ -1,0 +1,475 @@
+"""DiT: Diffusion Transformers as full models and as (merged) feature encoders.
+
+Paper: "Scalable Diffusion Models with Transformers", W. Peebles, S. Xie, https://arxiv.org/abs/2212.09748.
+Feature extraction as in DDAE ("Denoising Diffusion Autoencoders are Unified Self-supervised Learners",
+https://arxiv.org/abs/2303.09769): tap a block's tokens at a fixed timestep with the null label.
+
+``DiT`` computes exactly what the official ``models.py`` computes and uses its parameter names, so the
+released checkpoints (plain state dicts) load as they are. It is built from the same layers as l-DAE
+(``ldae_models.layers``): adaLN-Zero blocks with DiT's one-Linear modulation, the 256-d cos-first timestep
+embedding, the label embedding whose row 1000 is the null class, the final layer, fixed sin-cos positions.
+
+Registered encoders ``dit_{s,b,l,xl}_patch{2,4,8}_{256,512}`` (timm names) run on SD-VAE latents
+(32x32x4 for 256 px images, 64x64x4 for 512 px) and default to the first half of the blocks, t = 121 and the
+null label, merged into a plain timm ViT on latents (``merged=False``: the conditional encoder). Options:
+``depth=`` (number of blocks: block k, 0-based, is ``depth=k + 1``), ``t=``, ``y=``, ``noise=True`` (add DiT's
+forward-process noise at t to the latent, as DDAE does), ``vae=`` (a diffusers ``AutoencoderKL`` or its hub
+name, so the model takes images in [-1, 1]).
+
+``DDAE_DIT_PRESET`` is DDAE's CIFAR-10 setting for DiT-XL/2-256: block 13 of 28 (``depth=14``), t = 121, null
+label, noisy input:
+``timm.create_model('dit_xl_patch2_256.fb_in1k', pretrained=True, **ldae_models.DDAE_DIT_PRESET)``.
+
+Two layouts of checkpoints are converted by ``checkpoint_filter_fn``: the official one and diffusers'
+``DiTTransformer2DModel`` (``dit_official_to_diffusers`` / ``dit_diffusers_to_official``). diffusers computes
+DiT slightly differently in two places; a converted model here always computes the official DiT:
+
+1. its ``Timesteps(downscale_freq_shift=1)`` uses frequencies ``exp(-ln(10000) i / 127)`` where DiT divides by
+   128 (``half``);
+2. its feed-forward LayerNorm (``norm3``) has eps 1e-5 where DiT's ``norm2`` has 1e-6.
+
+``tests/test_dit.py`` measures both effects and checks that with them undone diffusers matches to 1e-5.
+"""
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._builder import pretrained_cfg_for_features
+from timm.models._features import FeatureGetterNet
+
+from ..layers.blocks import AdaLNBlock, FinalLayer, init_adaln_weights
+from ..layers.diffusion import alphas_cumprod, q_sample
+from ..layers.embed import LabelEmbedder, TimestepEmbedder, sincos_pos_embed_2d
+from ..layers.pca import unpatchify
+from ..pretrained import load_pretrained, unwrap_state_dict
+from .adaln_vit import AdaLNViT, TimestepT
+from .wrappers import DiffusionInput
+
+__all__ = ['DiT', 'DiTEncoder', 'create_dit', 'list_dits', 'dit_official_to_diffusers', 'dit_diffusers_to_official',
+           'DIT_CONFIGS', 'DDAE_DIT_PRESET', 'SD_VAE_SCALE']
+
+SD_VAE_SCALE = 0.18215  # latents = vae.encode(x).latent_dist * 0.18215 (LDM / DiT)
+DDAE_DIT_PRESET: Dict[str, Any] = dict(depth=14, t=121, y=1000, noise=True)
+
+# (width, depth, heads) of DiT-S/B/L/XL (the paper's Tab. 1).
+_SIZES = {'s': (384, 12, 6), 'b': (768, 12, 12), 'l': (1024, 24, 16), 'xl': (1152, 28, 16)}
+DIT_CONFIGS: Dict[str, Dict[str, Any]] = {
+    f'dit_{size}_patch{p}_{res}': dict(input_size=res // 8, patch_size=p, hidden_size=w, depth=d, num_heads=h)
+    for size, (w, d, h) in _SIZES.items() for p in (2, 4, 8) for res in (256, 512)
+}
+
+
+class DiT(nn.Module):
+    """The full Diffusion Transformer, parameter for parameter the official implementation.
+
+    ``dit(x, t, y)``: latents (B, C, H, W), timesteps (B,) in [0, 1000), labels (B,) in [0, 1000] (1000 = null)
+    -> (B, 2C, H, W): the predicted noise and the variance interpolation (``learn_sigma=True``).
+    """
+
+    def __init__(
+            self,
+            input_size: int = 32,            # latent side (256 px / 8)
+            patch_size: int = 2,             # latent pixels per patch side
+            in_channels: int = 4,            # latent channels of the SD VAE
+            hidden_size: int = 1152,         # token width
+            depth: int = 28,                 # transformer blocks
+            num_heads: int = 16,             # attention heads
+            mlp_ratio: float = 4.0,          # MLP hidden = mlp_ratio * width
+            class_dropout_prob: float = 0.1,  # label dropout in training (> 0 adds the null-label row)
+            num_classes: int = 1000,         # ImageNet classes
+            learn_sigma: bool = True,        # also output the variance interpolation
+            num_timesteps: int = 1000,       # valid t are [0, num_timesteps)
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.num_timesteps = num_timesteps
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        grid = self.x_embedder.grid_size
+        self.register_buffer('pos_embed', sincos_pos_embed_2d(hidden_size, grid)[None])  # (1, N, D), fixed
+        self.blocks = nn.ModuleList([AdaLNBlock(hidden_size, num_heads, mlp_ratio, adaln_hidden_ratio=None)
+                                     for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's: xavier Linears, xavier patch embed, N(0, 0.02) label and timestep tables, zero adaLN and output."""
+        init_adaln_weights(self)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+    def _check(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f'expected latents (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}')
+        if tuple(x.shape[-2:]) != tuple(self.x_embedder.img_size):
+            raise ValueError(f'expected {self.x_embedder.img_size[0]}x{self.x_embedder.img_size[1]} latents, '
+                             f'got {x.shape[-2]}x{x.shape[-1]}')
+        if ((t < 0) | (t >= self.num_timesteps)).any():
+            raise ValueError(f'timestep t must be in [0, {self.num_timesteps}), got {t.tolist()[:4]}')
+        rows = self.y_embedder.embedding_table.num_embeddings
+        if ((y < 0) | (y >= rows)).any():
+            raise ValueError(f'label y must be in [0, {rows}) ({rows - 1} = null), got {y.tolist()[:4]}')
+
+    def forward_hidden(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """(output (B, out_channels, H, W), hidden states after every block [(B, N, D)])."""
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        y = torch.as_tensor(y, device=x.device).reshape(-1).expand(x.shape[0]).long()
+        self._check(x, t, y)
+        h = self.x_embedder(x) + self.pos_embed  # (B, N, D)
+        c = self.t_embedder(t) + self.y_embedder(y, train=self.training)  # (B, D)
+        hidden = []
+        for blk in self.blocks:
+            h = blk(h, c)
+            hidden.append(h)
+        out = self.final_layer(h, c)  # (B, N, p*p*C_out)
+        return unpatchify(out, self.patch_size, self.x_embedder.grid_size, self.out_channels), hidden
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.forward_hidden(x, t, y)[0]
+
+
+class DiTEncoder(AdaLNViT):
+    """The first blocks of a DiT, conditioned on a fixed timestep and label (default: the null label).
+
+    State dict keys are ``AdaLNViT``'s (``patch_embed`` for DiT's ``x_embedder``) plus ``y_embedder``.
+    """
+
+    def __init__(self, *args: Any, num_labels: int = 1000, y: int = 1000, class_dropout_prob: float = 0.1,
+                 **kwargs: Any) -> None:
+        kwargs.setdefault('adaln_hidden_ratio', None)
+        super().__init__(*args, **kwargs)
+        self.y_embedder = LabelEmbedder(num_labels, self.embed_dim, class_dropout_prob)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        self.y = self._check_y(torch.as_tensor(y, device='cpu')).item()
+        self.abar: torch.Tensor
+        self.register_buffer('abar', alphas_cumprod(self.num_timesteps), persistent=False)
+
+    def _check_y(self, y: torch.Tensor) -> torch.Tensor:
+        rows = self.y_embedder.embedding_table.num_embeddings
+        if ((y < 0) | (y >= rows)).any():
+            raise ValueError(f'label y must be in [0, {rows}) ({self.y_embedder.null_label} = the null label), '
+                             f'got {y.flatten()[:4].tolist()}')
+        return y
+
+    def condition(self, t: TimestepT, batch_size: int, device: torch.device, y: Any = None) -> torch.Tensor:
+        y = torch.as_tensor(self.y if y is None else y, device=device).reshape(-1).long()
+        return self.t_embedder(self.timesteps(t, batch_size, device)) + self.y_embedder(self._check_y(y))
+
+    def add_noise(self, x: torch.Tensor, t: TimestepT = None, generator: Optional[torch.Generator] = None,
+                  noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """DiT's forward process: ``sqrt(abar_t) x + sqrt(1 - abar_t) eps`` (t rounded to a step index)."""
+        self.check_input(x)
+        t = self.timesteps(t, x.shape[0], x.device).round().long().expand(x.shape[0])
+        return q_sample(x, t, self.abar, noise=noise, generator=generator)
+
+
+# -- converters -------------------------------------------------------------------------------------------
+
+def dit_official_to_diffusers(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Official DiT state dict -> diffusers ``DiTTransformer2DModel`` (the timestep and label embedders are
+    copied into every block, as diffusers keeps one per block; the position embedding is not stored)."""
+    out: Dict[str, torch.Tensor] = {}
+    depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
+    out['pos_embed.proj.weight'] = sd['x_embedder.proj.weight']
+    out['pos_embed.proj.bias'] = sd['x_embedder.proj.bias']
+    for i in range(depth):
+        b, o = f'blocks.{i}.', f'transformer_blocks.{i}.'
+        emb = o + 'norm1.emb.'
+        for j, name in ((0, 'linear_1'), (2, 'linear_2')):
+            for p in ('weight', 'bias'):
+                out[f'{emb}timestep_embedder.{name}.{p}'] = sd[f't_embedder.mlp.{j}.{p}']
+        out[emb + 'class_embedder.embedding_table.weight'] = sd['y_embedder.embedding_table.weight']
+        q, k, v = sd[b + 'attn.qkv.weight'].chunk(3, dim=0)
+        qb, kb, vb = sd[b + 'attn.qkv.bias'].chunk(3, dim=0)
+        for name, w, bias in (('to_q', q, qb), ('to_k', k, kb), ('to_v', v, vb)):
+            out[f'{o}attn1.{name}.weight'], out[f'{o}attn1.{name}.bias'] = w, bias
+        for src, dst in (('adaLN_modulation.1', 'norm1.linear'), ('attn.proj', 'attn1.to_out.0'),
+                         ('mlp.fc1', 'ff.net.0.proj'), ('mlp.fc2', 'ff.net.2')):
+            for p in ('weight', 'bias'):
+                out[f'{o}{dst}.{p}'] = sd[f'{b}{src}.{p}']
+    for src, dst in (('final_layer.adaLN_modulation.1', 'proj_out_1'), ('final_layer.linear', 'proj_out_2')):
+        for p in ('weight', 'bias'):
+            out[f'{dst}.{p}'] = sd[f'{src}.{p}']
+    return out
+
+
+def dit_diffusers_to_official(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """diffusers ``DiTTransformer2DModel`` state dict -> official DiT layout (without ``pos_embed``).
+
+    The per-block copies of the timestep and label embedders must be equal (they are in every converted
+    checkpoint); the first block's are kept.
+    """
+    out: Dict[str, torch.Tensor] = {}
+    depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('transformer_blocks.'))
+    out['x_embedder.proj.weight'] = sd['pos_embed.proj.weight']
+    out['x_embedder.proj.bias'] = sd['pos_embed.proj.bias']
+    emb0 = 'transformer_blocks.0.norm1.emb.'
+    for j, name in ((0, 'linear_1'), (2, 'linear_2')):
+        for p in ('weight', 'bias'):
+            out[f't_embedder.mlp.{j}.{p}'] = sd[f'{emb0}timestep_embedder.{name}.{p}']
+    out['y_embedder.embedding_table.weight'] = sd[emb0 + 'class_embedder.embedding_table.weight']
+    for i in range(depth):
+        b, o = f'blocks.{i}.', f'transformer_blocks.{i}.'
+        for key in [k for k in sd if k.startswith(o + 'norm1.emb.')]:
+            if not torch.equal(sd[key], sd[emb0 + key[len(o + 'norm1.emb.'):]]):
+                raise ValueError(f'diffusers DiT checkpoint has different embedders in block {i} ({key}); '
+                                 f'the official layout has one shared embedder')
+        out[b + 'attn.qkv.weight'] = torch.cat([sd[f'{o}attn1.to_{n}.weight'] for n in 'qkv'], dim=0)
+        out[b + 'attn.qkv.bias'] = torch.cat([sd[f'{o}attn1.to_{n}.bias'] for n in 'qkv'], dim=0)
+        for dst, src in (('adaLN_modulation.1', 'norm1.linear'), ('attn.proj', 'attn1.to_out.0'),
+                         ('mlp.fc1', 'ff.net.0.proj'), ('mlp.fc2', 'ff.net.2')):
+            for p in ('weight', 'bias'):
+                out[f'{b}{dst}.{p}'] = sd[f'{o}{src}.{p}']
+    for dst, src in (('final_layer.adaLN_modulation.1', 'proj_out_1'), ('final_layer.linear', 'proj_out_2')):
+        for p in ('weight', 'bias'):
+            out[f'{dst}.{p}'] = sd[f'{src}.{p}']
+    return out
+
+
+def _to_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    state_dict = unwrap_state_dict(state_dict, prefer_ema=True)
+    if any(k.startswith('transformer_blocks.') for k in state_dict):
+        state_dict = dit_diffusers_to_official(state_dict)
+    return state_dict
+
+
+def dit_checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Official or diffusers DiT checkpoint -> the state dict of ``DiT`` or of a ``DiTEncoder``.
+
+    For an encoder: ``x_embedder`` becomes ``patch_embed``, blocks past the encoder's depth and the final
+    layer are dropped. The fixed position embedding is always the model's own (recomputed, not loaded).
+    """
+    sd = _to_official(state_dict)
+    sd.pop('pos_embed', None)
+    sd['pos_embed'] = model.pos_embed.detach().clone()
+    if isinstance(model, DiT):
+        return sd
+    depth = len(model.blocks)
+    out = {}
+    for k, v in sd.items():
+        if k.startswith('final_layer.'):
+            continue
+        if k.startswith('blocks.') and int(k.split('.')[1]) >= depth:
+            continue
+        out[k.replace('x_embedder.', 'patch_embed.', 1)] = v
+    return out
+
+
+# -- construction -----------------------------------------------------------------------------------------
+
+def list_dits() -> List[str]:
+    return sorted(DIT_CONFIGS)
+
+
+def create_dit(name: str, pretrained: bool = False, checkpoint: Optional[str] = None,
+               cache_dir: Optional[str] = None, **kwargs: Any) -> DiT:
+    """The full DiT ``name`` (``dit_xl_patch2_256`` ...), optionally with weights.
+
+    ``pretrained=True`` loads the arch's default tag (``NAME.TAG`` picks another); ``checkpoint`` loads a file
+    in either layout. Both go through the safe loader and ``dit_checkpoint_filter_fn``.
+    """
+    import timm.models
+    arch, _, tag = name.partition('.')
+    if arch not in DIT_CONFIGS:
+        raise ValueError(f'unknown DiT {name!r}; known: {", ".join(list_dits())}')
+    model = DiT(**{**DIT_CONFIGS[arch], **kwargs})
+    if checkpoint:
+        load_pretrained(model, dict(file=checkpoint), filter_fn=dit_checkpoint_filter_fn)
+    elif pretrained:
+        cfg = timm.models.get_pretrained_cfg(name if tag else arch)
+        if cfg is None:
+            raise ValueError(f'no pretrained weights for {name}')
+        load_pretrained(model, dict(cfg.to_dict(), architecture=arch), filter_fn=dit_checkpoint_filter_fn,
+                        cache_dir=cache_dir)
+    return model
+
+
+def _create_dit_encoder(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    merged = kwargs.pop('merged', True)
+    noise = kwargs.pop('noise', False)
+    vae = kwargs.pop('vae', None)
+    vae_sample = kwargs.pop('vae_sample', False)
+    features_only = kwargs.pop('features_only', False)
+    out_indices = kwargs.pop('out_indices', 3)
+    cache_dir = kwargs.pop('cache_dir', None)
+    kwargs.pop('feature_cls', None)
+    cfg = DIT_CONFIGS[variant]
+    args = dict(img_size=cfg['input_size'], patch_size=cfg['patch_size'], in_chans=4, embed_dim=cfg['hidden_size'],
+                depth=cfg['depth'] // 2, num_heads=cfg['num_heads'], t=121)
+    model = build_model_with_cfg(DiTEncoder, variant, pretrained=False, **{**args, **kwargs})
+    if pretrained:
+        load_pretrained(model, model.pretrained_cfg, filter_fn=dit_checkpoint_filter_fn, cache_dir=cache_dir)
+    base = model
+    if merged:
+        model = model.merge()
+    if features_only:
+        pcfg = model.pretrained_cfg
+        model = FeatureGetterNet(model, out_indices=out_indices, output_fmt='NCHW')
+        model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(pcfg)
+    if noise or vae is not None:
+        model = DiffusionInput(model, noiser=base if noise else None, t=base.t, vae=vae, vae_scale=SD_VAE_SCALE,
+                               vae_sample=vae_sample)
+    return model
+
+
+def _cfg(res: int, **kwargs: Any) -> Dict[str, Any]:
+    return {
+        'url': '', 'num_classes': 0, 'input_size': (4, res // 8, res // 8), 'pool_size': None,
+        'crop_pct': 1.0, 'interpolation': 'bicubic', 'fixed_input_size': True,
+        'mean': (0.0, 0.0, 0.0, 0.0), 'std': (1.0, 1.0, 1.0, 1.0),  # SD-VAE latents * 0.18215
+        'first_conv': 'patch_embed.proj', 'classifier': 'head',
+        'paper_ids': 'arXiv:2212.09748', 'paper_name': 'Scalable Diffusion Models with Transformers',
+        'origin_url': 'https://github.com/facebookresearch/DiT',
+        **kwargs,
+    }
+
+
+_DIT_NOTES = ('trained on ImageNet-1k with class labels (class-conditional DiT); the encoders use the null label',
+              'inputs are SD-VAE latents (stabilityai/sd-vae-ft-ema, scale 0.18215) unless vae= is given')
+_DIT_WEIGHTS = dict(license='cc-by-nc-4.0', notes=_DIT_NOTES)
+
+default_cfgs = generate_default_cfgs({
+    **{name: _cfg(int(name.rsplit('_', 1)[1])) for name in DIT_CONFIGS},
+    # The released DiT-XL/2 weights (FID 2.27 at 256 px, 3.04 at 512 px with guidance), official state dicts.
+    'dit_xl_patch2_256.fb_in1k': _cfg(256, url='https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt',
+                                      **_DIT_WEIGHTS),
+    'dit_xl_patch2_512.fb_in1k': _cfg(512, url='https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt',
+                                      **_DIT_WEIGHTS),
+    # The same weights in diffusers' layout on the Hugging Face hub.
+    'dit_xl_patch2_256.fb_in1k_diffusers': _cfg(256, hf_hub_id='facebook/DiT-XL-2-256',
+                                                hf_hub_filename='transformer/diffusion_pytorch_model.safetensors',
+                                                **_DIT_WEIGHTS),
+    'dit_xl_patch2_512.fb_in1k_diffusers': _cfg(512, hf_hub_id='facebook/DiT-XL-2-512',
+                                                hf_hub_filename='transformer/diffusion_pytorch_model.safetensors',
+                                                **_DIT_WEIGHTS),
+})
+
+
+@register_model
+def dit_s_patch2_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_s_patch2_256', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def dit_s_patch4_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_s_patch4_256', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def dit_s_patch8_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_s_patch8_256', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def dit_s_patch2_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_s_patch2_512', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def dit_s_patch4_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_s_patch4_512', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def dit_s_patch8_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_s_patch8_512', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def dit_b_patch2_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_b_patch2_256', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def dit_b_patch4_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_b_patch4_256', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def dit_b_patch8_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_b_patch8_256', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def dit_b_patch2_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_b_patch2_512', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def dit_b_patch4_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_b_patch4_512', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def dit_b_patch8_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_b_patch8_512', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def dit_l_patch2_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_l_patch2_256', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def dit_l_patch4_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_l_patch4_256', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def dit_l_patch8_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_l_patch8_256', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def dit_l_patch2_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_l_patch2_512', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def dit_l_patch4_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_l_patch4_512', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def dit_l_patch8_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_l_patch8_512', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def dit_xl_patch2_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_xl_patch2_256', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def dit_xl_patch4_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_xl_patch4_256', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def dit_xl_patch8_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_xl_patch8_256', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def dit_xl_patch2_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_xl_patch2_512', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def dit_xl_patch4_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_xl_patch4_512', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def dit_xl_patch8_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return _create_dit_encoder('dit_xl_patch8_512', pretrained=pretrained, **kwargs)
