@@ -12,6 +12,7 @@ batch, in rotating order, and the reported time is the median over rounds. Image
 the plain ViT are printed (and written as JSON with --out).
 
     python benchmarks/bench_encoders.py --model ldae_vit_base_patch16_256 --batch-size 8 --rounds 15
+    python benchmarks/bench_encoders.py --model dit_s_patch2_256 --batch-size 16 --rounds 15   # DiT encoders too
 """
 import argparse
 import json
@@ -32,7 +33,7 @@ def build(name: str, t: int):
     merged = cond.merge(t).eval()
     args = cond.vit_args()
     # timm's ordinary ViT of the same width, depth and input: class token, final norm, exact GELU.
-    size = {k: args[k] for k in ('img_size', 'patch_size', 'embed_dim', 'depth', 'num_heads')}
+    size = {k: args[k] for k in ('img_size', 'in_chans', 'patch_size', 'embed_dim', 'depth', 'num_heads')}
     plain = VisionTransformer(**size, num_classes=0).eval()
     plain_tanh = VisionTransformer(**size, num_classes=0, act_layer='gelu_tanh').eval()
     return {'plain_vit': plain, 'plain_vit_gelu_tanh': plain_tanh, 'merged': merged, 'conditional': cond}
@@ -81,7 +82,7 @@ def main():
         torch.set_num_threads(args.threads)
     models = build(args.model, args.t)
     size = models['merged'].patch_embed.img_size
-    x = torch.randn(args.batch_size, 3, *size)
+    x = torch.randn(args.batch_size, models['conditional'].in_chans, *size)
     med = bench(models, x, args.rounds, args.warmup)
     ips = {k: args.batch_size / v for k, v in med.items()}
     tokens = args.batch_size * models['merged'].patch_embed.num_patches

@@ -40,6 +40,9 @@ PACKAGE_WEIGHTS_DIR = Path(__file__).resolve().parent / 'weights'
 SAFETENSORS_NAME = 'model.safetensors'
 PICKLE_NAME = 'pytorch_model.bin'
 PathLike = Union[str, os.PathLike]
+# create_model keyword arguments that say where weights come from, not how to build the model
+_NOT_MODEL_ARGS = ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'pretrained_model_args', 'features_only',
+                   'out_indices', 'feature_cls', 'vae')
 
 
 class CheckpointError(ValueError):
@@ -381,8 +384,7 @@ def save_pretrained(
     if not architecture:
         raise ValueError('save_pretrained needs the architecture name: pass architecture=...')
     args = dict(getattr(model, '_model_args', {}) if model_args is None else model_args)
-    args = {k: v for k, v in args.items() if k not in ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir',
-                                                       'pretrained_model_args', 'features_only', 'out_indices')}
+    args = {k: v for k, v in args.items() if k not in _NOT_MODEL_ARGS}
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -43,7 +43,7 @@ from ..layers.blocks import AdaLNBlock, FinalLayer, init_adaln_weights
 from ..layers.diffusion import alphas_cumprod, q_sample
 from ..layers.embed import LabelEmbedder, TimestepEmbedder, sincos_pos_embed_2d
 from ..layers.pca import unpatchify
-from ..pretrained import load_pretrained, unwrap_state_dict
+from ..pretrained import _NOT_MODEL_ARGS, load_pretrained, unwrap_state_dict
 from .adaln_vit import AdaLNViT, TimestepT
 from .wrappers import DiffusionInput
 
@@ -295,6 +295,7 @@ def create_dit(name: str, pretrained: bool = False, checkpoint: Optional[str] = 
 
 
 def _create_dit_encoder(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    call_args = {k: v for k, v in kwargs.items() if k not in _NOT_MODEL_ARGS}  # recorded for save_pretrained
     merged = kwargs.pop('merged', True)
     noise = kwargs.pop('noise', False)
     vae = kwargs.pop('vae', None)
@@ -319,6 +320,7 @@ def _create_dit_encoder(variant: str, pretrained: bool = False, **kwargs: Any) -
     if noise or vae is not None:
         model = DiffusionInput(model, noiser=base if noise else None, t=base.t, vae=vae, vae_scale=SD_VAE_SCALE,
                                vae_sample=vae_sample)
+    model._model_args = {**getattr(model, '_model_args', {}), **call_args, 'merged': merged}
     return model
 
 

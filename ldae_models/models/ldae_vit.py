@@ -38,7 +38,7 @@ from timm.layers import resample_abs_pos_embed
 
 from ..layers.blocks import AdaLNBlock, FinalLayer, init_adaln_weights
 from ..layers.pca import PatchPCA, patchify
-from ..pretrained import load_pretrained, unwrap_state_dict
+from ..pretrained import _NOT_MODEL_ARGS, load_pretrained, unwrap_state_dict
 from .adaln_vit import AdaLNViT, TimestepT
 
 __all__ = ['LDAEEncoder', 'LatentDAE', 'create_dae', 'list_daes', 'sigma_schedule', 'MODEL_CONFIGS', 'MODEL_ALIASES']
@@ -372,6 +372,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
 
 
 def _create_ldae_encoder(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    call_args = {k: v for k, v in kwargs.items() if k not in _NOT_MODEL_ARGS}  # recorded for save_pretrained
     merged = kwargs.pop('merged', True)
     features_only = kwargs.pop('features_only', False)
     out_indices = kwargs.pop('out_indices', 3)
@@ -386,6 +387,7 @@ def _create_ldae_encoder(variant: str, pretrained: bool = False, **kwargs: Any) 
         cfg = model.pretrained_cfg
         model = FeatureGetterNet(model, out_indices=out_indices, output_fmt='NCHW')
         model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(cfg)
+    model._model_args = {**getattr(model, '_model_args', {}), **call_args, 'merged': merged}
     return model
 
 
