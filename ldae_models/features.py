@@ -5,7 +5,9 @@ import torch
 import torch.nn as nn
 from timm.models import VisionTransformer
 
-__all__ = ['extract_features']
+from .models.ddae_unet import DDAEUNet
+
+__all__ = ['extract_features', 'ddae_grid_features']
 
 FeatureDict = Dict[Tuple[int, float], torch.Tensor]
 
@@ -33,7 +35,8 @@ def extract_features(
 
     Args:
         model: A conditional encoder (``merged=False``), a full ``LatentDAE`` (its blocks are numbered
-            encoder first, then decoder), or a merged ViT (which only has the t it was merged at).
+            encoder first, then decoder), a merged ViT (which only has the t it was merged at), or a DDAE UNet
+            (its decoder blocks; index k - 1 is DDAE's out_k).
         images: (B, C, H, W), normalised as the model's pretrained cfg says ([-1, 1] for l-DAE).
         layers: 0-based block indices (negative counts from the last block); the keys use them as given.
         ts: Timestep indices in [0, T); None means the model's fixed t.
@@ -71,16 +74,34 @@ def extract_features(
     out: FeatureDict = {}
     for t in ts_list:
         if isinstance(model, VisionTransformer):
-            feats = model.forward_intermediates(images, indices=take, output_fmt='NLC', intermediates_only=True,
-                                                stop_early=True)
+            feats = model.forward_intermediates(images, indices=take, intermediates_only=True, stop_early=True)
             t_key = t
+        elif isinstance(model, DDAEUNet):  # noises inside, so that the noise matches its schedule
+            t_key = model.t if t is None else t
+            feats = model.forward_intermediates(images, t=t_key, indices=take, intermediates_only=True,
+                                                stop_early=True, noise=noise, generator=generator)
         else:
             enc = getattr(model, 'encoder', model)
             t_key = enc.timesteps(t, images.shape[0], images.device)[0].item() if t is None else t
             x = model.add_noise(images, t_key, generator=generator)[0] if noise else images
-            feats = model.forward_intermediates(x, t=t_key, indices=take, output_fmt='NLC', intermediates_only=True,
-                                                stop_early=True)
-        by_index = {i: f.mean(dim=1) for i, f in zip(take, feats)}
+            feats = model.forward_intermediates(x, t=t_key, indices=take, intermediates_only=True, stop_early=True)
+        by_index = {i: f.mean(dim=(-2, -1)) for i, f in zip(take, feats)}  # (B, C, h, w) -> (B, C)
         for layer, idx in zip(layers_list, norm_layers):
             out[(layer, t_key)] = by_index[idx]
     return out
+
+
+def ddae_grid_features(
+        model: nn.Module,
+        images: torch.Tensor,
+        out_ks: Sequence[int],
+        ts: Sequence[Union[int, float]],
+        noise: bool = True,
+        generator: Optional[torch.Generator] = None,
+) -> FeatureDict:
+    """DDAE's grid with DDAE's names: ``{(out_k, t): (B, C)}`` for 1-based decoder blocks ``out_k``.
+
+    One forward pass per t; the input is noised at each t (DDAE's protocol) unless ``noise=False``.
+    """
+    feats = extract_features(model, images, layers=[k - 1 for k in out_ks], ts=ts, noise=noise, generator=generator)
+    return {(layer + 1, t): f for (layer, t), f in feats.items()}

@@ -1,0 +1,541 @@
+"""DDAE feature extractors: diffusion UNets tapped at a decoder block and a timestep.
+
+Papers: "Denoising Diffusion Autoencoders are Unified Self-supervised Learners", W. Xiang et al.,
+https://arxiv.org/abs/2303.09769, on the UNet of "Denoising Diffusion Probabilistic Models", J. Ho et al.,
+https://arxiv.org/abs/2006.11239.
+
+``UNet`` is one parametrised implementation of both backbones DDAE uses for CIFAR-10:
+
+- DDPM (Ho et al.): base 128 channels, multipliers (1, 2, 2, 2), 2 residual blocks per level, attention at
+  16x16, GroupNorm(32), SiLU, sinusoidal time embedding, convolutional down/up sampling: 35.7M parameters.
+  Its computation is that of diffusers' ``UNet2DModel`` with google/ddpm-cifar10-32's configuration
+  (sin-first frequencies with ``freq_shift=1``, GroupNorm eps 1e-6, asymmetric-pad stride-2 downsampling).
+- DDPM++-style (DDAE's larger backbone): multipliers (2, 2, 2), 4 residual blocks per level, residual
+  (BigGAN-style) down/up sampling, skip connections rescaled by 1/sqrt(2): about 56M parameters.
+
+DDAE taps the output of every decoder block (a residual block and, at 16x16, its attention), named
+``out_1 .. out_K`` from the deepest level up, pools it globally, and finds linearly separable features at a
+small noise level. A registered model ``ddae_*`` returns the pooled feature of ``out_k`` (1-based, DDAE's
+naming) of the input noised at ``t`` by the DDPM forward process (seedable); defaults are DDAE's best:
+DDPM ``out_6`` (8x8, 256 channels) at t = 11. ``forward_intermediates`` / ``features_only`` give every
+decoder block (0-based indices: ``out_k`` is index k - 1); ``unet.denoise(x_t, t)`` is the full noise
+prediction. ``noise_schedule='edm'`` takes ``t`` as sigma and feeds ``c_in (x + sigma eps)`` with time input
+``c_noise = ln(sigma) / 4``, for checkpoints trained the EDM way.
+"""
+import math
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._builder import pretrained_cfg_for_features
+from timm.models._features import FeatureInfo, feature_take_indices
+
+from ..layers.diffusion import alphas_cumprod, q_sample
+from ..pretrained import _NOT_MODEL_ARGS, load_pretrained, unwrap_state_dict
+
+__all__ = ['UNet', 'DDAEUNet', 'unet_diffusers_to_ddae', 'UNET_CONFIGS', 'EDM_SIGMA_DATA']
+
+EDM_SIGMA_DATA = 0.5
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False, freq_shift: float = 1.0,
+                         max_period: float = 10000.0) -> torch.Tensor:
+    """Ho et al.'s time embedding: ``[sin(t f), cos(t f)]``, ``f_i = exp(-ln(P) i / (half - freq_shift))``."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+    args = t.float()[:, None] * torch.exp(exponent)[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    return emb
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> [resample] -> conv, + time projection, GroupNorm -> SiLU -> dropout -> conv, + skip."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, groups: int, eps: float, dropout: float = 0.0,
+                 resample: Optional[str] = None, skip_rescale: bool = False) -> None:
+        super().__init__()
+        self.resample = resample  # None, 'up' or 'down' (residual resampling of DDPM++)
+        self.skip_rescale = skip_rescale
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_ch, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def _resample(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resample == 'up':
+            return F.interpolate(x, scale_factor=2.0, mode='nearest')
+        if self.resample == 'down':
+            return F.avg_pool2d(x, 2)
+        return x
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.norm1(x))
+        h, x = self._resample(h), self._resample(x)
+        h = self.conv1(h) + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        out = self.skip(x) + h
+        return out / math.sqrt(2.0) if self.skip_rescale else out
+
+
+class SelfAttention2d(nn.Module):
+    """Single-head spatial self-attention with GroupNorm and a residual connection (Ho et al.)."""
+
+    def __init__(self, ch: int, groups: int, eps: float, skip_rescale: bool = False) -> None:
+        super().__init__()
+        self.skip_rescale = skip_rescale
+        self.norm = nn.GroupNorm(groups, ch, eps=eps)
+        self.q, self.k, self.v = nn.Linear(ch, ch), nn.Linear(ch, ch), nn.Linear(ch, ch)
+        self.proj = nn.Linear(ch, ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x).reshape(B, C, H * W).transpose(1, 2)  # (B, HW, C)
+        h = F.scaled_dot_product_attention(self.q(h)[:, None], self.k(h)[:, None], self.v(h)[:, None])[:, 0]
+        out = x + self.proj(h).transpose(1, 2).reshape(B, C, H, W)
+        return out / math.sqrt(2.0) if self.skip_rescale else out
+
+
+class ResAttBlock(nn.Module):
+    """A residual block followed by attention at the attention resolutions: DDAE's tapped unit."""
+
+    def __init__(self, res: ResBlock, attn: Optional[SelfAttention2d]) -> None:
+        super().__init__()
+        self.res = res
+        self.attn = attn if attn is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.res(x, temb))
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution after padding one pixel right and bottom (Ho et al., diffusers padding=0)."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 convolution."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))
+
+
+class _Level(nn.Module):
+    def __init__(self, blocks: List[ResAttBlock], resample: Optional[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.resample = resample
+
+
+class UNet(nn.Module):
+    """The DDPM / DDPM++ UNet: ``unet.denoise(x_t, t)`` predicts the noise."""
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 32,   # input resolution (square)
+            in_chans: int = 3,                            # image channels
+            out_chans: int = 3,                           # predicted-noise channels
+            base_channels: int = 128,                     # channels at the first level
+            channel_mult: Sequence[int] = (1, 2, 2, 2),   # per-level multipliers of base_channels
+            num_res_blocks: int = 2,                      # residual blocks per encoder level (+1 per decoder level)
+            attn_resolutions: Sequence[int] = (16,),      # resolutions (pixels) that get self-attention
+            dropout: float = 0.0,                         # dropout inside residual blocks (training)
+            norm_groups: int = 32,                        # GroupNorm groups
+            norm_eps: float = 1e-6,                       # GroupNorm eps
+            resample: str = 'conv',                       # 'conv' (DDPM) or 'resblock' (DDPM++)
+            skip_rescale: bool = False,                   # divide residual sums by sqrt(2) (DDPM++)
+            time_freq_shift: float = 1.0,                 # sinusoid frequencies over (half - shift)
+            time_flip_sin_to_cos: bool = False,           # cos first instead of sin first
+            num_timesteps: int = 1000,                    # DDPM timesteps
+    ) -> None:
+        super().__init__()
+        if resample not in ('conv', 'resblock'):
+            raise ValueError(f"resample must be 'conv' or 'resblock', got {resample!r}")
+        if not isinstance(img_size, int):
+            if len(set(img_size)) != 1:
+                raise ValueError(f'the UNet takes square images, got img_size={tuple(img_size)}')
+            img_size = int(img_size[0])
+        self.img_size = img_size
+        self.in_chans = in_chans
+        self.base_channels = base_channels
+        self.time_freq_shift = time_freq_shift
+        self.time_flip_sin_to_cos = time_flip_sin_to_cos
+        self.num_timesteps = num_timesteps
+        temb_ch = 4 * base_channels
+        self.time_mlp = nn.Sequential(nn.Linear(base_channels, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
+        self.conv_in = nn.Conv2d(in_chans, base_channels, 3, padding=1)
+
+        def res(i: int, o: int, rs: Optional[str] = None) -> ResBlock:
+            return ResBlock(i, o, temb_ch, norm_groups, norm_eps, dropout, resample=rs, skip_rescale=skip_rescale)
+
+        def attn(ch: int, r: int) -> Optional[SelfAttention2d]:
+            return SelfAttention2d(ch, norm_groups, norm_eps, skip_rescale) if r in attn_resolutions else None
+
+        chans, ch, r = [base_channels], base_channels, img_size
+        self.down = nn.ModuleList()
+        for lvl, mult in enumerate(channel_mult):
+            out = base_channels * mult
+            blocks = []
+            for _ in range(num_res_blocks):
+                blocks.append(ResAttBlock(res(ch, out), attn(out, r)))
+                ch = out
+                chans.append(ch)
+            down = None
+            if lvl != len(channel_mult) - 1:
+                down = Downsample(ch) if resample == 'conv' else res(ch, ch, 'down')
+                chans.append(ch)
+                r //= 2
+            self.down.append(_Level(blocks, down))
+        self.mid = nn.ModuleList([ResAttBlock(res(ch, ch), SelfAttention2d(ch, norm_groups, norm_eps, skip_rescale)),
+                                  ResAttBlock(res(ch, ch), None)])
+        self.up = nn.ModuleList()  # deepest level first, in execution order
+        self.block_info: List[Dict[str, Any]] = []  # one entry per decoder block: channels and resolution
+        for lvl, mult in reversed(list(enumerate(channel_mult))):
+            out = base_channels * mult
+            blocks = []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResAttBlock(res(ch + chans.pop(), out), attn(out, r)))
+                ch = out
+                self.block_info.append(dict(num_chs=out, resolution=r, reduction=img_size // r))
+            up = None
+            if lvl != 0:
+                up = Upsample(ch) if resample == 'conv' else res(ch, ch, 'up')
+                r *= 2
+            self.up.append(_Level(blocks, up))
+        self.norm_out = nn.GroupNorm(norm_groups, ch, eps=norm_eps)
+        self.conv_out = nn.Conv2d(ch, out_chans, 3, padding=1)
+
+    @property
+    def decoder_blocks(self) -> List[ResAttBlock]:
+        """The tapped decoder blocks ``out_1 .. out_K`` (index k - 1)."""
+        return [b for level in self.up for b in level.blocks]
+
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        emb = sinusoidal_embedding(t, self.base_channels, self.time_flip_sin_to_cos, self.time_freq_shift)
+        return self.time_mlp(emb.to(self.conv_in.weight.dtype))
+
+    def _run(self, x: torch.Tensor, t: torch.Tensor, stop_after: Optional[int] = None
+             ) -> Tuple[Optional[torch.Tensor], List[torch.Tensor]]:
+        """Full pass (or up to decoder block ``stop_after``, 0-based): (noise prediction or None, decoder outputs)."""
+        temb = self.time_embedding(t.reshape(-1).expand(x.shape[0]))
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down:
+            for blk in level.blocks:
+                h = blk(h, temb)
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h, temb)
+                skips.append(h)
+        for blk in self.mid:
+            h = blk(h, temb)
+        outs: List[torch.Tensor] = []
+        for level in self.up:
+            for blk in level.blocks:
+                h = blk(torch.cat([h, skips.pop()], dim=1), temb)
+                outs.append(h)
+                if stop_after is not None and len(outs) > stop_after:
+                    return None, outs
+            if level.resample is not None:
+                h = level.resample(h, temb)
+        return self.conv_out(F.silu(self.norm_out(h))), outs
+
+    def denoise(self, x_t: torch.Tensor, t: Union[torch.Tensor, float]) -> torch.Tensor:
+        """The UNet's noise prediction for ``x_t`` at network time input ``t`` (step index for DDPM)."""
+        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
+        return self._run(x_t, t)[0]
+
+
+class DDAEUNet(UNet):
+    """A UNet used as a DDAE feature extractor: pooled ``out_k`` features at a fixed noise level."""
+
+    def __init__(
+            self,
+            *args: Any,
+            out_k: int = 6,                    # tapped decoder block, 1-based as in DDAE
+            t: float = 11,                     # DDPM step (or EDM sigma) of the features
+            noise: bool = True,                # noise the input at t (DDAE's protocol) or feed it clean
+            noise_schedule: str = 'ddpm',      # 'ddpm' (linear betas) or 'edm' (t is sigma, c_in / c_noise)
+            num_classes: int = 0,              # optional linear head on the pooled feature
+            **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if noise_schedule not in ('ddpm', 'edm'):
+            raise ValueError(f"noise_schedule must be 'ddpm' or 'edm', got {noise_schedule!r}")
+        self.noise_schedule = noise_schedule
+        self.noise = noise
+        self.generator: Optional[torch.Generator] = None
+        self.register_buffer('abar', alphas_cumprod(self.num_timesteps), persistent=False)
+        K = len(self.block_info)
+        if not 1 <= out_k <= K:
+            raise ValueError(f'out_k must be in [1, {K}] (DDAE numbers decoder blocks from 1), got {out_k}')
+        self.out_k = out_k
+        self.t = self._check_t(torch.as_tensor(float(t), device='cpu')).item()
+        self.num_features = self.head_hidden_size = self.block_info[out_k - 1]['num_chs']
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = [dict(module=f'decoder_blocks.{i}', num_chs=b['num_chs'], reduction=b['reduction'])
+                             for i, b in enumerate(self.block_info)]
+
+    # -- checks and noise -------------------------------------------------------------------------------------
+    def _check_t(self, t: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(t).all():
+            raise ValueError(f'timestep t must be finite, got {t.tolist()}')
+        if self.noise_schedule == 'edm':
+            if (t <= 0).any():
+                raise ValueError(f'with noise_schedule="edm" t is sigma and must be > 0, got {t.flatten()[:4].tolist()}')
+        elif ((t < 0) | (t >= self.num_timesteps)).any():
+            raise ValueError(f'timestep t must be in [0, {self.num_timesteps}) (a DDPM step index), '
+                             f'got {t.flatten()[:4].tolist()}')
+        return t
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f'expected images of shape (B, C, H, W), got a tensor of shape {tuple(x.shape)}')
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f'expected {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})')
+        if tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+            raise ValueError(f'expected {self.img_size}x{self.img_size} images, got {x.shape[-2]}x{x.shape[-1]}')
+
+    def timesteps(self, t: Any, batch_size: int, device: torch.device) -> torch.Tensor:
+        t = torch.as_tensor(self.t if t is None else t, device=device, dtype=torch.float32).reshape(-1)
+        if t.shape[0] not in (1, batch_size):
+            raise ValueError(f'timestep t must be a number or have shape (1,) or ({batch_size},), got {tuple(t.shape)}')
+        return self._check_t(t).expand(batch_size)
+
+    def add_noise(self, x: torch.Tensor, t: Any = None, generator: Optional[torch.Generator] = None,
+                  noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """DDPM: ``sqrt(abar_t) x + sqrt(1 - abar_t) eps``; EDM: ``x + sigma eps`` (c_in is applied in the network call)."""
+        self.check_input(x)
+        t = self.timesteps(t, x.shape[0], x.device)
+        if self.noise_schedule == 'ddpm':
+            return q_sample(x, t.round().long(), self.abar, noise=noise, generator=generator)
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator,
+                                device=x.device if generator is None else generator.device).to(x)
+        return x + t.reshape(-1, 1, 1, 1).to(x.dtype) * noise, noise
+
+    def network_input(self, x_t: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(scaled input, network time input): identity and t for DDPM; c_in x and ln(sigma) / 4 for EDM."""
+        if self.noise_schedule == 'edm':
+            c_in = 1.0 / torch.sqrt(t ** 2 + EDM_SIGMA_DATA ** 2)
+            return x_t * c_in.reshape(-1, 1, 1, 1).to(x_t.dtype), torch.log(t) / 4
+        return x_t, t
+
+    # -- features ----------------------------------------------------------------------------------------------
+    @property
+    def blocks(self) -> List[ResAttBlock]:
+        return self.decoder_blocks
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            t: Any = None,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+            noise: Optional[bool] = None,
+            generator: Optional[torch.Generator] = None,
+    ):
+        """Decoder block outputs at ``indices`` (0-based: out_k is k - 1), NCHW, for the input at ``t``.
+
+        ``noise`` (default: the model's setting) noises the input first. ``x`` is then treated as clean;
+        with ``noise=False`` it is passed as it is, already noisy or clean.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"a UNet's intermediates are feature maps: output_fmt must be 'NCHW', got {output_fmt!r}")
+        self.check_input(x)
+        t = self.timesteps(t, x.shape[0], x.device)
+        take, max_index = feature_take_indices(len(self.block_info), indices)
+        if self.noise if noise is None else noise:
+            x = self.add_noise(x, t, generator=generator or self.generator)[0]
+        x_in, t_in = self.network_input(x, t)
+        _, outs = self._run(x_in, t_in, stop_after=max_index if (stop_early or intermediates_only) else None)
+        inter = [outs[i] for i in take]
+        if intermediates_only:
+            return inter
+        return outs[-1], inter
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        take, _ = feature_take_indices(len(self.block_info), indices)
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
+    def forward_features(self, x: torch.Tensor, t: Any = None, generator: Optional[torch.Generator] = None
+                         ) -> torch.Tensor:
+        """The feature map of ``out_k`` (B, C, h, w)."""
+        return self.forward_intermediates(x, t, indices=[self.out_k - 1], intermediates_only=True,
+                                          generator=generator)[0]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=(-2, -1))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor, t: Any = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, t, generator))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+class DecoderFeatureInfo(FeatureInfo):
+    """timm's ``FeatureInfo`` without its check that reductions never decrease: a decoder's do."""
+
+    def __init__(self, feature_info: List[Dict[str, Any]], out_indices: Sequence[int]) -> None:
+        self.out_indices = tuple(out_indices)
+        self.info = feature_info
+
+
+class DecoderFeatures(nn.Module):
+    """``features_only`` for a DDAE UNet: the feature maps of the decoder blocks ``out_indices`` (0-based)."""
+
+    def __init__(self, model: DDAEUNet, out_indices: Sequence[int] = (1, 3, 5, 7)) -> None:
+        super().__init__()
+        take, _ = feature_take_indices(len(model.block_info), list(out_indices))
+        model.reset_classifier(0)
+        self.model = model
+        self.out_indices = tuple(take)
+        self.feature_info = DecoderFeatureInfo([dict(fi) for fi in model.feature_info], self.out_indices)
+
+    def forward(self, x: torch.Tensor, t: Any = None, generator: Optional[torch.Generator] = None
+                ) -> List[torch.Tensor]:
+        return self.model.forward_intermediates(x, t, indices=list(self.out_indices), intermediates_only=True,
+                                                generator=generator)
+
+
+# -- converter ----------------------------------------------------------------------------------------------
+
+_RES_NAMES = {'time_emb_proj': 'temb_proj', 'conv_shortcut': 'skip', 'nin_shortcut': 'skip'}
+_ATTN_NAMES = {'group_norm': 'norm', 'to_q': 'q', 'to_k': 'k', 'to_v': 'v', 'to_out.0': 'proj',
+               'query': 'q', 'key': 'k', 'value': 'v', 'proj_attn': 'proj'}  # new and pre-0.13 diffusers names
+
+
+def unet_diffusers_to_ddae(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """diffusers ``UNet2DModel`` (google/ddpm-cifar10-32 layout, old or new attention names) -> ``UNet``."""
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r'(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)', k)
+        if m:
+            side, lvl, kind, j, rest = m.groups()
+            if kind == 'resnets':
+                name = _RES_NAMES.get(rest.rsplit('.', 1)[0], rest.rsplit('.', 1)[0])
+                out[f'{side}.{lvl}.blocks.{j}.res.{name}.{rest.rsplit(".", 1)[1]}'] = v
+            elif kind == 'attentions':
+                name = _ATTN_NAMES[rest.rsplit('.', 1)[0]]
+                out[f'{side}.{lvl}.blocks.{j}.attn.{name}.{rest.rsplit(".", 1)[1]}'] = _as_linear(v)
+            else:
+                out[f'{side}.{lvl}.resample.{rest}'] = v
+            continue
+        m = re.match(r'mid_block\.(resnets|attentions)\.(\d+)\.(.+)', k)
+        if m:
+            kind, j, rest = m.groups()
+            base, p = rest.rsplit('.', 1)
+            if kind == 'resnets':
+                out[f'mid.{j}.res.{_RES_NAMES.get(base, base)}.{p}'] = v
+            else:
+                out[f'mid.0.attn.{_ATTN_NAMES[base]}.{p}'] = _as_linear(v)
+            continue
+        k = k.replace('time_embedding.linear_1', 'time_mlp.0').replace('time_embedding.linear_2', 'time_mlp.2')
+        out[k.replace('conv_norm_out', 'norm_out')] = v
+    return out
+
+
+def _as_linear(v: torch.Tensor) -> torch.Tensor:
+    return v[:, :, 0, 0] if v.dim() == 4 else v  # some old checkpoints store attention projections as 1x1 convs
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Unwrap a training checkpoint (DDAE's ``{'MODEL', 'EMA', 'opt'}`` included, EMA preferred) and convert
+    diffusers' ``UNet2DModel`` layout."""
+    sd = unwrap_state_dict(state_dict, prefer_ema=True)
+    if any(k.startswith(('down_blocks.', 'mid_block.')) for k in sd):
+        sd = unet_diffusers_to_ddae(sd)
+    return sd
+
+
+# -- configurations and registration ----------------------------------------------------------------------
+
+UNET_CONFIGS: Dict[str, Dict[str, Any]] = {
+    # Ho et al.'s CIFAR-10 UNet (google/ddpm-cifar10-32); DDAE's best tap: out_6 at t = 11.
+    'ddae_ddpm_cifar10_32': dict(base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                                 resample='conv', out_k=6, t=11),
+    # DDAE's DDPM++-style UNet, trained with the DDPM objective; best tap out_6 at t = 11.
+    'ddae_ddpmpp_cifar10_32': dict(base_channels=128, channel_mult=(2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),
+                                   resample='resblock', skip_rescale=True, out_k=6, t=11),
+}
+
+
+def _create_ddae_unet(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    call_args = {k: v for k, v in kwargs.items() if k not in _NOT_MODEL_ARGS}
+    features_only = kwargs.pop('features_only', False)
+    out_indices = kwargs.pop('out_indices', (1, 3, 5, 7))
+    cache_dir = kwargs.pop('cache_dir', None)
+    kwargs.pop('feature_cls', None)
+    model = build_model_with_cfg(DDAEUNet, variant, pretrained=False, **{**UNET_CONFIGS[variant], **kwargs})
+    if pretrained:
+        load_pretrained(model, model.pretrained_cfg, filter_fn=checkpoint_filter_fn, cache_dir=cache_dir)
+    model._model_args = {**getattr(model, '_model_args', {}), **call_args}
+    if features_only:
+        cfg = model.pretrained_cfg
+        model = DecoderFeatures(model, out_indices=out_indices)
+        model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(cfg)
+    return model
+
+
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    return {
+        'url': '', 'num_classes': 0, 'input_size': (3, 32, 32), 'pool_size': None, 'crop_pct': 1.0,
+        'interpolation': 'bicubic', 'fixed_input_size': True, 'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5),
+        'first_conv': 'conv_in', 'classifier': 'head',
+        'paper_ids': ('arXiv:2303.09769', 'arXiv:2006.11239'),
+        'paper_name': 'Denoising Diffusion Autoencoders are Unified Self-supervised Learners',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'ddae_ddpm_cifar10_32': _cfg(),
+    # Ho et al.'s released CIFAR-10 DDPM (FID 3.17), in diffusers' UNet2DModel layout; converted on load.
+    'ddae_ddpm_cifar10_32.google': _cfg(
+        hf_hub_id='google/ddpm-cifar10-32', hf_hub_filename='diffusion_pytorch_model.safetensors',
+        license='apache-2.0', origin_url='https://huggingface.co/google/ddpm-cifar10-32',
+        notes=('Ho et al. DDPM trained on CIFAR-10 train (unconditional), ported to diffusers by Google',)),
+    'ddae_ddpmpp_cifar10_32': _cfg(),
+})
+
+
+@register_model
+def ddae_ddpm_cifar10_32(pretrained: bool = False, **kwargs: Any) -> DDAEUNet:
+    """Ho et al.'s CIFAR-10 DDPM UNet (35.7M) tapped at out_6, t = 11."""
+    return _create_ddae_unet('ddae_ddpm_cifar10_32', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def ddae_ddpmpp_cifar10_32(pretrained: bool = False, **kwargs: Any) -> DDAEUNet:
+    """DDAE's DDPM++-style CIFAR-10 UNet (about 56M) tapped at out_6, t = 11."""
+    return _create_ddae_unet('ddae_ddpmpp_cifar10_32', pretrained=pretrained, **kwargs)
