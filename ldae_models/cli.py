@@ -175,6 +175,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='ldae-models', description='Denoising-based self-supervised encoders for timm.')
     sub = ap.add_subparsers(dest='command', required=True)
+    sub.add_parser('train', help='train a model (see ldae-models train --help)', add_help=False)
+    sub.add_parser('probe', help='linear-probe an encoder (see ldae-models probe --help)', add_help=False)
     f = sub.add_parser('features', help='extract pooled features of images',
                        description='Extract pooled encoder features of images (default: sample photos '
                                    'shipped with matplotlib) and print or save them.')
@@ -222,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ('train', 'probe'):  # their own parsers (also python -m ldae_models.train)
+        if argv[0] == 'train':
+            from .train import main as train_main
+            return train_main(argv[1:])
+        from .probe import probe_main
+        return probe_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -166,3 +166,140 @@ def plot_grid(results: Dict[GridKey, float], path: str, title: str = 'linear pro
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# -- the `ldae-models probe` command ------------------------------------------------------------------------
+
+def _folder(root: str, split_names: Sequence[str]) -> str:
+    from pathlib import Path
+    for name in split_names:
+        if (Path(root) / name).is_dir():
+            return str(Path(root) / name)
+    raise SystemExit(f'no {" or ".join(split_names)} folder under {root}')
+
+
+def _load_split(root: str, transform: Any, limit: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    from torchvision.datasets import ImageFolder
+    ds = ImageFolder(root, transform=transform)
+    idx = list(range(len(ds)))
+    if limit and limit < len(ds):
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:limit].tolist()
+    xs, ys = zip(*(ds[i] for i in idx))
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def _create(args: Any, merged: bool):
+    import json as _json
+    import timm
+    import ldae_models  # noqa: F401
+    kw = _json.loads(args.model_args) if args.model_args else {}
+    if args.checkpoint:
+        kw['pretrained_cfg_overlay'] = dict(file=args.checkpoint)
+    pretrained = bool(args.checkpoint) or '.' in args.model or args.model.startswith(('hf-hub:', 'local-dir:'))
+    if args.model.split('.')[0].startswith('ddae_'):
+        return timm.create_model(args.model, pretrained=pretrained, t=args.t, noise=args.noise, **kw).eval()
+    return timm.create_model(args.model, pretrained=pretrained, merged=merged, t=args.t, **kw).eval()
+
+
+def _mae_protocol(model: nn.Module, args: Any, train_root: str, test_root: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """MAE's linear probe: frozen encoder, augmented batches every epoch, LARS (or SGD), warmup + cosine."""
+    import timm.data
+    from timm.optim import Lars
+    from torchvision.datasets import ImageFolder
+    size = cfg['input_size'][-1]
+    train_tf = timm.data.create_transform(size, is_training=True, scale=(0.08, 1.0), hflip=0.5, color_jitter=None,
+                                          auto_augment=None, re_prob=0.0, interpolation='bicubic', mean=cfg['mean'],
+                                          std=cfg['std'])
+    eval_tf = timm.data.create_transform(**cfg, is_training=False)
+    train_ds, test_ds = ImageFolder(train_root, train_tf), ImageFolder(test_root, eval_tf)
+    g = torch.Generator().manual_seed(args.seed)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, generator=g,
+                                         num_workers=args.workers, drop_last=len(train_ds) > args.batch_size)
+    head = LinearProbeHead(model.num_features, len(train_ds.classes))
+    lr = args.blr * args.batch_size / 256
+    opt = Lars(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0) if args.optimizer == 'lars' else \
+        torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    steps, warm = args.epochs * len(loader), args.warmup_epochs * len(loader)
+    step = 0
+    for _ in range(args.epochs):
+        head.train()
+        for x, y in loader:
+            for group in opt.param_groups:
+                group['lr'] = lr * (step + 1) / warm if step < warm else \
+                    lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+            with torch.no_grad():
+                f = model(x)
+            loss = F.cross_entropy(head(f), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+    head.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in torch.utils.data.DataLoader(test_ds, batch_size=256, num_workers=args.workers):
+            correct += (head(model(x)).argmax(1) == y).sum().item()
+            total += len(y)
+    return dict(top1=100 * correct / max(1, total), n_train=len(train_ds), n_test=total)
+
+
+def probe_main(argv: Optional[List[str]] = None) -> int:
+    """``ldae-models probe``: linear-probe accuracy of an encoder on an ImageFolder (train/ and test/ or val/)."""
+    import argparse
+    import timm.data
+    ap = argparse.ArgumentParser(prog='ldae-models probe', description=probe_main.__doc__)
+    ap.add_argument('--model', required=True, help='NAME[.TAG], local-dir:PATH or hf-hub:ORG/NAME')
+    ap.add_argument('--checkpoint', help='weights file to load into the model')
+    ap.add_argument('--model-args', help='JSON object of model keyword arguments')
+    ap.add_argument('--data-dir', required=True, help='ImageFolder root with train/ and test/ (or val/)')
+    ap.add_argument('--mode', choices=('fast', 'mae', 'grid'), default='fast',
+                    help='fast: features once, no augmentation (default); mae: MAE protocol; grid: (layer, t) grid')
+    ap.add_argument('--t', type=float, default=10, help='fixed timestep (fast, mae) (default: %(default)s)')
+    ap.add_argument('--layers', type=int, nargs='+', help='grid: 0-based block indices (default: all)')
+    ap.add_argument('--ts', type=float, nargs='+', default=[0, 10, 20, 40, 80], help='grid: timesteps')
+    ap.add_argument('--noise', action='store_true', help='noise the input at t (DDAE protocol, paper: "noisy input")')
+    ap.add_argument('--epochs', type=int, default=15, help='probe epochs (MAE: 90 for ViT-B)')
+    ap.add_argument('--warmup-epochs', type=int, default=1)
+    ap.add_argument('--batch-size', type=int, default=128)
+    ap.add_argument('--lr', type=float, default=1e-3, help='fast/grid: Adam lr (DDAE)')
+    ap.add_argument('--blr', type=float, default=0.1, help='mae: base lr, lr = blr * batch / 256 (MAE)')
+    ap.add_argument('--optimizer', choices=('lars', 'sgd'), default='lars', help='mae: optimiser')
+    ap.add_argument('--max-train', type=int, default=0, help='use at most this many training images (0: all)')
+    ap.add_argument('--max-test', type=int, default=0)
+    ap.add_argument('--workers', type=int, default=2)
+    ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--out', help='write the result as JSON here')
+    ap.add_argument('--plot', help='grid: write the heat map here (PNG)')
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    train_root = _folder(args.data_dir, ('train',))
+    test_root = _folder(args.data_dir, ('test', 'val'))
+    model = _create(args, merged=args.mode == 'mae' and not args.noise)
+    cfg = timm.data.resolve_model_data_config(model)
+    result: Dict[str, Any] = dict(model=args.model, checkpoint=args.checkpoint, mode=args.mode, noise=args.noise)
+    if args.mode == 'mae':
+        result.update(t=args.t, epochs=args.epochs, optimizer=args.optimizer, **_mae_protocol(model, args, train_root,
+                                                                                              test_root, cfg))
+    else:
+        tf = timm.data.create_transform(**cfg, is_training=False)
+        train = _load_split(train_root, tf, args.max_train)
+        test = _load_split(test_root, tf, args.max_test)
+        n_blocks = len(model.blocks)
+        if args.mode == 'fast':
+            layers, ts = [n_blocks - 1], [args.t]
+        else:
+            layers, ts = args.layers if args.layers else list(range(n_blocks)), args.ts
+        grid = grid_probe(model, train, test, layers=layers, ts=ts, noise=args.noise, seed=args.seed,
+                          epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
+        result.update(n_train=len(train[1]), n_test=len(test[1]), epochs=args.epochs,
+                      grid=[dict(layer=k[0], t=k[1], top1=v) for k, v in sorted(grid.items())])
+        best = max(grid.items(), key=lambda kv: kv[1])
+        result.update(top1=best[1], best_layer=best[0][0], best_t=best[0][1])
+        if args.mode == 'grid' and args.plot:
+            plot_grid(grid, args.plot, title=f'{args.model}: linear probe top-1 (%)')
+    print(f"{args.model} ({args.mode}): top-1 {result['top1']:.2f}%" +
+          (f" at layer {result['best_layer']}, t {result['best_t']:g}" if 'best_layer' in result else ''))
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump(result, f, indent=2)
+    return 0

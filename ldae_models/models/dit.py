@@ -308,6 +308,7 @@ def _create_dit_encoder(variant: str, pretrained: bool = False, **kwargs: Any) -
     args = dict(img_size=cfg['input_size'], patch_size=cfg['patch_size'], in_chans=4, embed_dim=cfg['hidden_size'],
                 depth=cfg['depth'] // 2, num_heads=cfg['num_heads'], t=121)
     model = build_model_with_cfg(DiTEncoder, variant, pretrained=False, **{**args, **kwargs})
+    model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, 'input_size': (model.in_chans, *model.patch_embed.img_size)}  # true to img_size
     if pretrained:
         load_pretrained(model, model.pretrained_cfg, filter_fn=dit_checkpoint_filter_fn, cache_dir=cache_dir)
     base = model

@@ -223,6 +223,13 @@ class LatentDAE(nn.Module):
         t = self.encoder.timesteps(t, images.shape[0], images.device).expand(images.shape[0])
         return self.encoder.noise_at_sigma(images, self.sigma(t), generator=generator, noise=noise)
 
+    def noise_shape(self, images: torch.Tensor) -> Tuple[int, ...]:
+        """Shape of one sample's noise: (N, d) in the latent, (C, H, W) in pixels."""
+        if self.noise_space == 'pixel':
+            return tuple(images.shape[1:])
+        n = (images.shape[-2] // self.patch_size) * (images.shape[-1] // self.patch_size)
+        return (n, self.tokenizer.latent_dim)
+
     # -- network -------------------------------------------------------------------------------------
     def denoise(self, noisy: torch.Tensor, t: TimestepT) -> torch.Tensor:
         """Run the network on a noisy input at timestep(s) t; returns the prediction as an image (B, C, H, W).
@@ -295,15 +302,19 @@ class LatentDAE(nn.Module):
         return per_patch.mean(1) * self.loss_weights(sigma)
 
     def forward(self, images: torch.Tensor, t: Optional[torch.Tensor] = None,
-                generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
-        """One training step's forward: sample t and noise, denoise, and compute the loss."""
+                generator: Optional[torch.Generator] = None,
+                noise: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """One training step's forward: sample t and noise (unless given), denoise, and compute the loss.
+
+        ``noise`` has the shape ``noise_shape`` gives: (B, N, d) for latent noise, (B, C, H, W) for pixel noise.
+        """
         self.encoder.check_input(images)
         B = images.shape[0]
         if t is None:
             t = self.sample_timesteps(B, images.device, generator)
         t = self.encoder.timesteps(t, B, images.device).expand(B)
         sigma = self.sigma(t)
-        noisy, noise = self.encoder.noise_at_sigma(images, sigma, generator=generator)
+        noisy, noise = self.encoder.noise_at_sigma(images, sigma, generator=generator, noise=noise)
         pred = self.denoise(noisy, t)
         per_sample = self.compute_loss(pred, images, noise, sigma)
         return dict(loss=per_sample.mean(), loss_per_sample=per_sample, pred=pred, noisy=noisy, t=t, sigma=sigma)
@@ -379,6 +390,7 @@ def _create_ldae_encoder(variant: str, pretrained: bool = False, **kwargs: Any) 
     cache_dir = kwargs.pop('cache_dir', None)
     kwargs.pop('feature_cls', None)  # features come from forward_intermediates (timm's 'getter')
     model = build_model_with_cfg(LDAEEncoder, variant, pretrained=False, **{**MODEL_CONFIGS[variant], **kwargs})
+    model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, 'input_size': (model.in_chans, *model.patch_embed.img_size)}  # true to img_size
     if pretrained:  # ldae_models' loader: sha256 checks, safe reading, strict load with a full report
         load_pretrained(model, model.pretrained_cfg, filter_fn=checkpoint_filter_fn, cache_dir=cache_dir)
     if merged:
