@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import pickle
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union

@@ -6,7 +6,7 @@ default (Adam, lr 1e-3, cosine decay, no weight decay, batch 128).
 """
 import json
 import math
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import ldae_models
+import ldae_models  # noqa: F401  (registers the models)
 from ldae_models import train as T
 
 TINY_ARGS = json.dumps(dict(img_size=16, embed_dim=32, depth=2, num_heads=2, latent_dim=6))

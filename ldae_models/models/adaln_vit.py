@@ -19,14 +19,16 @@ from typing import Any, Dict, List, Optional, Set, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed, resample_abs_pos_embed
-from timm.models import VisionTransformer
-from timm.models._features import feature_take_indices
+from timm.models import VisionTransformer, build_model_with_cfg
+from timm.models._builder import pretrained_cfg_for_features
+from timm.models._features import FeatureGetterNet, feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
 from ..layers.blocks import AdaLNBlock, init_adaln_weights
 from ..layers.embed import TimestepEmbedder, sincos_pos_embed_2d
+from ..pretrained import _NOT_MODEL_ARGS, load_pretrained
 
-__all__ = ['AdaLNViT', 'TimestepT']
+__all__ = ['AdaLNViT', 'TimestepT', 'create_adaln_encoder']
 
 TimestepT = Union[int, float, torch.Tensor, None]
 
@@ -310,3 +312,37 @@ class AdaLNViT(nn.Module):
         vit.pretrained_cfg = vit.default_cfg = cfg
         vit.merged_t = t_val  # the timestep folded into the weights; used by extract_features
         return vit
+
+
+def create_adaln_encoder(
+        cls: type,
+        variant: str,
+        pretrained: bool,
+        filter_fn: Any,
+        defaults: Dict[str, Any],
+        kwargs: Dict[str, Any],
+) -> Tuple[nn.Module, 'AdaLNViT']:
+    """What every conditional-encoder entrypoint does: build, load weights, merge, wrap for ``features_only``.
+
+    Weights load through ``ldae_models.pretrained.load_pretrained`` (sha256, safe reading, strict load).
+    Keyword arguments beyond the model's own: ``merged`` (default True), ``features_only``, ``out_indices``,
+    ``cache_dir``. Returns (the model to hand out, the conditional encoder it was made from).
+    """
+    call_args = {k: v for k, v in kwargs.items() if k not in _NOT_MODEL_ARGS}
+    merged = kwargs.pop('merged', True)
+    features_only = kwargs.pop('features_only', False)
+    out_indices = kwargs.pop('out_indices', 3)
+    cache_dir = kwargs.pop('cache_dir', None)
+    kwargs.pop('feature_cls', None)  # features come from forward_intermediates (timm's 'getter')
+    base = build_model_with_cfg(cls, variant, pretrained=False, **{**defaults, **kwargs})
+    size = (base.in_chans, *base.patch_embed.img_size)  # the cfg follows img_size, for timm's data pipeline
+    base.pretrained_cfg = base.default_cfg = {**base.pretrained_cfg, 'input_size': size}
+    if pretrained:
+        load_pretrained(base, base.pretrained_cfg, filter_fn=filter_fn, cache_dir=cache_dir)
+    model = base.merge() if merged else base
+    if features_only:
+        cfg = model.pretrained_cfg
+        model = FeatureGetterNet(model, out_indices=out_indices, output_fmt='NCHW')
+        model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(cfg)
+    model._model_args = {**getattr(model, '_model_args', {}), **call_args, 'merged': merged}
+    return model, base

@@ -497,7 +497,8 @@ def _create_ddae_unet(variant: str, pretrained: bool = False, **kwargs: Any) -> 
     cache_dir = kwargs.pop('cache_dir', None)
     kwargs.pop('feature_cls', None)
     model = build_model_with_cfg(DDAEUNet, variant, pretrained=False, **{**UNET_CONFIGS[variant], **kwargs})
-    model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, 'input_size': (model.in_chans, model.img_size, model.img_size)}  # true to img_size
+    size = (model.in_chans, model.img_size, model.img_size)  # the cfg follows img_size
+    model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, 'input_size': size}
     if pretrained:
         load_pretrained(model, model.pretrained_cfg, filter_fn=checkpoint_filter_fn, cache_dir=cache_dir)
     model._model_args = {**getattr(model, '_model_args', {}), **call_args}

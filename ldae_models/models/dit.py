@@ -30,21 +30,19 @@ DiT slightly differently in two places; a converted model here always computes t
 
 ``tests/test_dit.py`` measures both effects and checks that with them undone diffusers matches to 1e-5.
 """
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._builder import pretrained_cfg_for_features
-from timm.models._features import FeatureGetterNet
+from timm.models import generate_default_cfgs, register_model
 
 from ..layers.blocks import AdaLNBlock, FinalLayer, init_adaln_weights
 from ..layers.diffusion import alphas_cumprod, q_sample
 from ..layers.embed import LabelEmbedder, TimestepEmbedder, sincos_pos_embed_2d
 from ..layers.pca import unpatchify
-from ..pretrained import _NOT_MODEL_ARGS, load_pretrained, unwrap_state_dict
-from .adaln_vit import AdaLNViT, TimestepT
+from ..pretrained import load_pretrained, unwrap_state_dict
+from .adaln_vit import AdaLNViT, TimestepT, create_adaln_encoder
 from .wrappers import DiffusionInput
 
 __all__ = ['DiT', 'DiTEncoder', 'create_dit', 'list_dits', 'dit_official_to_diffusers', 'dit_diffusers_to_official',
@@ -295,33 +293,18 @@ def create_dit(name: str, pretrained: bool = False, checkpoint: Optional[str] = 
 
 
 def _create_dit_encoder(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    call_args = {k: v for k, v in kwargs.items() if k not in _NOT_MODEL_ARGS}  # recorded for save_pretrained
-    merged = kwargs.pop('merged', True)
     noise = kwargs.pop('noise', False)
     vae = kwargs.pop('vae', None)
     vae_sample = kwargs.pop('vae_sample', False)
-    features_only = kwargs.pop('features_only', False)
-    out_indices = kwargs.pop('out_indices', 3)
-    cache_dir = kwargs.pop('cache_dir', None)
-    kwargs.pop('feature_cls', None)
     cfg = DIT_CONFIGS[variant]
-    args = dict(img_size=cfg['input_size'], patch_size=cfg['patch_size'], in_chans=4, embed_dim=cfg['hidden_size'],
-                depth=cfg['depth'] // 2, num_heads=cfg['num_heads'], t=121)
-    model = build_model_with_cfg(DiTEncoder, variant, pretrained=False, **{**args, **kwargs})
-    model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, 'input_size': (model.in_chans, *model.patch_embed.img_size)}  # true to img_size
-    if pretrained:
-        load_pretrained(model, model.pretrained_cfg, filter_fn=dit_checkpoint_filter_fn, cache_dir=cache_dir)
-    base = model
-    if merged:
-        model = model.merge()
-    if features_only:
-        pcfg = model.pretrained_cfg
-        model = FeatureGetterNet(model, out_indices=out_indices, output_fmt='NCHW')
-        model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(pcfg)
+    defaults = dict(img_size=cfg['input_size'], patch_size=cfg['patch_size'], in_chans=4, embed_dim=cfg['hidden_size'],
+                    depth=cfg['depth'] // 2, num_heads=cfg['num_heads'], t=121)
+    model, base = create_adaln_encoder(DiTEncoder, variant, pretrained, dit_checkpoint_filter_fn, defaults, kwargs)
     if noise or vae is not None:
-        model = DiffusionInput(model, noiser=base if noise else None, t=base.t, vae=vae, vae_scale=SD_VAE_SCALE,
-                               vae_sample=vae_sample)
-    model._model_args = {**getattr(model, '_model_args', {}), **call_args, 'merged': merged}
+        wrapped = DiffusionInput(model, noiser=base if noise else None, t=base.t, vae=vae, vae_scale=SD_VAE_SCALE,
+                                 vae_sample=vae_sample)
+        wrapped._model_args = {**model._model_args, 'noise': noise}
+        model = wrapped
     return model
 
 

@@ -26,20 +26,19 @@ ldae_vit_large_patch16_256 (l)      256     16     1024   24     32
 The decoder has as many blocks as the encoder (the paper's symmetric split).
 """
 import math
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import FeatureGetterNet, feature_take_indices
-from timm.models._builder import pretrained_cfg_for_features
+from timm.models import generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
 from timm.layers import resample_abs_pos_embed
 
 from ..layers.blocks import AdaLNBlock, FinalLayer, init_adaln_weights
 from ..layers.pca import PatchPCA, patchify
-from ..pretrained import _NOT_MODEL_ARGS, load_pretrained, unwrap_state_dict
-from .adaln_vit import AdaLNViT, TimestepT
+from ..pretrained import unwrap_state_dict
+from .adaln_vit import AdaLNViT, TimestepT, create_adaln_encoder
 
 __all__ = ['LDAEEncoder', 'LatentDAE', 'create_dae', 'list_daes', 'sigma_schedule', 'MODEL_CONFIGS', 'MODEL_ALIASES']
 
@@ -383,24 +382,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
 
 
 def _create_ldae_encoder(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    call_args = {k: v for k, v in kwargs.items() if k not in _NOT_MODEL_ARGS}  # recorded for save_pretrained
-    merged = kwargs.pop('merged', True)
-    features_only = kwargs.pop('features_only', False)
-    out_indices = kwargs.pop('out_indices', 3)
-    cache_dir = kwargs.pop('cache_dir', None)
-    kwargs.pop('feature_cls', None)  # features come from forward_intermediates (timm's 'getter')
-    model = build_model_with_cfg(LDAEEncoder, variant, pretrained=False, **{**MODEL_CONFIGS[variant], **kwargs})
-    model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, 'input_size': (model.in_chans, *model.patch_embed.img_size)}  # true to img_size
-    if pretrained:  # ldae_models' loader: sha256 checks, safe reading, strict load with a full report
-        load_pretrained(model, model.pretrained_cfg, filter_fn=checkpoint_filter_fn, cache_dir=cache_dir)
-    if merged:
-        model = model.merge()
-    if features_only:
-        cfg = model.pretrained_cfg
-        model = FeatureGetterNet(model, out_indices=out_indices, output_fmt='NCHW')
-        model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(cfg)
-    model._model_args = {**getattr(model, '_model_args', {}), **call_args, 'merged': merged}
-    return model
+    return create_adaln_encoder(LDAEEncoder, variant, pretrained, checkpoint_filter_fn, MODEL_CONFIGS[variant], kwargs)[0]
 
 
 def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
