@@ -76,6 +76,30 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_denoise(args: argparse.Namespace) -> int:
+    """The paper's Fig. 8: clean image, its latent-noised version (the network input), the denoised output."""
+    import ldae_models
+    from torchvision.utils import save_image
+    dae = ldae_models.create_dae(args.model, checkpoint=args.checkpoint, **_model_args(args)).eval()
+    if not dae.tokenizer.fitted:
+        raise SystemExit(f'{args.checkpoint} carries no fitted PCA tokenizer')
+    enc = dae.encoder
+    enc.pretrained_cfg = dict(input_size=(3, *enc.patch_embed.img_size), mean=(0.5,) * 3, std=(0.5,) * 3,
+                              crop_pct=1.0, interpolation='bicubic')
+    images = load_images(args.images or sample_image_paths(), enc)
+    g = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        noisy, _ = dae.add_noise(images, args.t, generator=g)
+        pred = dae.denoise(noisy, args.t)
+    rows = torch.stack([images, noisy, pred], dim=1).flatten(0, 1)  # per image: clean, noisy, denoised
+    zoom = max(1, 128 // rows.shape[-1])  # small images are shown enlarged, pixel for pixel
+    rows = torch.nn.functional.interpolate(rows, scale_factor=zoom, mode='nearest')
+    save_image((rows.clamp(-1, 1) + 1) / 2, args.out, nrow=3, padding=2, pad_value=1.0)
+    mse = ((pred - images) ** 2).mean().item()
+    print(f'wrote {args.out}: {len(images)} rows of clean / noisy (t={args.t}) / denoised; denoised MSE {mse:.4f}')
+    return 0
+
+
 def _model_args(args: argparse.Namespace) -> dict:
     import json
     if not args.model_args:
@@ -190,6 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument('--seed', type=int, default=0, help='seed of the noise')
     f.add_argument('--out', help='save the features to this .safetensors file')
     f.set_defaults(func=cmd_features)
+
+    p = sub.add_parser('denoise', help='denoising figure of a trained l-DAE', description='Write the paper\'s '
+                       'Fig. 8 for a trained DAE: clean / latent-noised / denoised, one row per image.')
+    p.add_argument('--checkpoint', required=True, help='full-DAE weights (OUT/model.safetensors of ldae-models train)')
+    p.add_argument('--model', default='ldae_vit_tiny_patch4_32', help='l-DAE size (default: %(default)s)')
+    p.add_argument('--model-args', help='JSON object of model keyword arguments')
+    p.add_argument('--images', nargs='+', help='image files (default: matplotlib sample images)')
+    p.add_argument('--t', type=int, default=500, help='noise level as a timestep (default: %(default)s)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--out', default='denoising.png', help='output PNG (default: %(default)s)')
+    p.set_defaults(func=cmd_denoise)
 
     p = sub.add_parser('list', help='list models and pretrained tags', description='List registered models and '
                        'their pretrained tags, marking the tags whose weights are on this machine.')

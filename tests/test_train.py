@@ -59,6 +59,13 @@ def test_training_steps_and_loadable_result(folder, tmp_path):
     assert back(torch.randn(1, 3, 16, 16)).shape == (1, 32)
     ckpt = torch.load(tmp_path / 'run' / T.CKPT_NAME, weights_only=True)  # plain containers and tensors only
     assert ckpt['step'] == 10 and 'ema' in ckpt and 'optimizer' in ckpt
+    # the denoising figure of the trained DAE (clean / noisy / denoised)
+    from ldae_models.cli import main
+    img = next((folder / 'test' / 'class0').iterdir())
+    assert main(['denoise', '--checkpoint', str(tmp_path / 'run/model.safetensors'), '--model-args', TINY_ARGS,
+                 '--images', str(img), str(img), '--out', str(tmp_path / 'fig.png')]) == 0
+    from PIL import Image as _I
+    assert _I.open(tmp_path / 'fig.png').size == (3 * 128 + 4 * 2, 2 * 128 + 3 * 2)
 
 
 _KILLER = '''

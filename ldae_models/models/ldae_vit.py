@@ -37,7 +37,7 @@ from timm.layers import resample_abs_pos_embed
 
 from ..layers.blocks import AdaLNBlock, FinalLayer, init_adaln_weights
 from ..layers.pca import PatchPCA, patchify
-from ..pretrained import unwrap_state_dict
+from ..pretrained import load_pretrained, unwrap_state_dict
 from .adaln_vit import AdaLNViT, TimestepT, create_adaln_encoder
 
 __all__ = ['LDAEEncoder', 'LatentDAE', 'create_dae', 'list_daes', 'sigma_schedule', 'MODEL_CONFIGS', 'MODEL_ALIASES']
@@ -353,12 +353,16 @@ def list_daes() -> List[str]:
     return sorted(MODEL_CONFIGS) + sorted(MODEL_ALIASES)
 
 
-def create_dae(name: str, **kwargs: Any) -> LatentDAE:
+def create_dae(name: str, checkpoint: Optional[str] = None, **kwargs: Any) -> LatentDAE:
     """Build the full l-DAE (for training) of a registered size; ``kwargs`` override its config.
 
-    Example: ``create_dae('ldae_vit_tiny_patch4_32', latent_dim=8, noise_space='pixel')``.
+    ``checkpoint`` loads a full-DAE file (``model.safetensors`` of ``ldae-models train``, or a training checkpoint)
+    through the safe loader, strictly. Example: ``create_dae('ldae_vit_tiny_patch4_32', latent_dim=8)``.
     """
-    return LatentDAE(**{**MODEL_CONFIGS[_resolve_name(name)], **kwargs})
+    dae = LatentDAE(**{**MODEL_CONFIGS[_resolve_name(name)], **kwargs})
+    if checkpoint:
+        load_pretrained(dae, dict(file=checkpoint), filter_fn=lambda sd, model: unwrap_state_dict(sd))
+    return dae
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
