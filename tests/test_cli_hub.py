@@ -120,3 +120,12 @@ def test_export_command_loads_with_timm(ckpt, tmp_path):
 def test_help_of_each_command(cmd):
     r = subprocess.run([sys.executable, '-m', 'ldae_models', cmd, '--help'], capture_output=True, text=True)
     assert r.returncode == 0 and 'usage' in r.stdout
+
+
+def test_console_script():
+    import shutil
+    exe = shutil.which('ldae-models') or shutil.which('ldae-models', path=os.path.dirname(sys.executable))
+    if exe is None:
+        pytest.skip('ldae-models is not installed as a console script (running from a source tree)')
+    r = subprocess.run([exe, 'list'], capture_output=True, text=True)
+    assert r.returncode == 0 and 'ldae_vit_tiny_patch4_32' in r.stdout

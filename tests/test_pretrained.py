@@ -149,6 +149,18 @@ def test_position_embedding_resampled_and_new_head(trained):
     assert m(smooth_images(2)).shape == (2, 5)
 
 
+def test_packaged_file_source(trained, monkeypatch, tmp_path):
+    """A tag whose ``file`` is shipped inside the package: resolved under ldae_models/weights, sha256 checked."""
+    from ldae_models import pretrained as P
+    monkeypatch.setattr(P, 'PACKAGE_WEIGHTS_DIR', tmp_path)
+    path = Path(P.packaged_file('tiny.safetensors'))
+    assert path.parent == tmp_path
+    path.write_bytes(trained['paths']['safetensors'].read_bytes())
+    cfg = dict(file=str(path), notes=(sha256_note(sha256_of(path)),))
+    assert P.weights_available_offline(cfg)
+    assert same_weights(create(pretrained_cfg_overlay=cfg), trained['enc_sd'])
+
+
 def test_no_weights_error():
     with pytest.raises(CheckpointError, match='no pretrained weights exist for ldae_vit_base_patch16_256'):
         timm.create_model('ldae_vit_base_patch16_256', pretrained=True, depth=1)
