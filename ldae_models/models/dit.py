@@ -301,8 +301,8 @@ def _create_dit_encoder(variant: str, pretrained: bool = False, **kwargs: Any) -
                     depth=cfg['depth'] // 2, num_heads=cfg['num_heads'], t=121)
     model, base = create_adaln_encoder(DiTEncoder, variant, pretrained, dit_checkpoint_filter_fn, defaults, kwargs)
     if noise or vae is not None:
-        wrapped = DiffusionInput(model, noiser=base if noise else None, t=base.t, vae=vae, vae_scale=SD_VAE_SCALE,
-                                 vae_sample=vae_sample)
+        wrapped = DiffusionInput(model, noise_t=base.t if noise else None, vae=vae, vae_scale=SD_VAE_SCALE,
+                                 vae_sample=vae_sample, num_timesteps=base.num_timesteps)
         wrapped._model_args = {**model._model_args, 'noise': noise}
         model = wrapped
     return model

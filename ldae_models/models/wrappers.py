@@ -31,8 +31,7 @@ class DiffusionInput(nn.Module):
     def __init__(
             self,
             model: nn.Module,
-            noiser: Optional[nn.Module] = None,       # anything with a num_timesteps; its t is noised at
-            t: Optional[float] = None,                # timestep of the noise
+            noise_t: Optional[float] = None,          # add DDPM noise at this timestep (None: clean input)
             vae: Optional[Union[str, nn.Module]] = None,
             vae_scale: float = 0.18215,
             vae_sample: bool = False,
@@ -40,7 +39,7 @@ class DiffusionInput(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
-        self.noise_t = None if noiser is None else int(round(t))
+        self.noise_t = None if noise_t is None else int(round(noise_t))
         self.register_buffer('abar', alphas_cumprod(num_timesteps), persistent=False)
         self.vae = None
         if vae is not None:
