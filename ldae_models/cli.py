@@ -57,6 +57,9 @@ def cmd_features(args: argparse.Namespace) -> int:
     images = load_images(paths, model)
     weights = 'pretrained weights' if args.pretrained else 'random weights (untrained: pass --pretrained for a trained tag)'
     print(f'{args.model}: {weights}; {len(paths)} images {tuple(images.shape[1:])}')
+    if not args.pretrained:
+        print('  note: untrained DiT-style blocks start as the identity (adaLN-Zero), so these features do not yet '
+              'vary with the layer or t')
     if conditional:
         layers = args.layers if args.layers is not None else [-1]
         g = torch.Generator().manual_seed(args.seed)
