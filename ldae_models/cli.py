@@ -156,6 +156,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         from timm.models import VisionTransformer
         with torch.device('meta'):
             print(f'  parameters: merged {count(VisionTransformer(**enc.vit_args())):,}')
+    if args.name.split('.')[0] in ldae_models.list_daes():
+        with torch.device('meta'):
+            print(f'  parameters: full DAE {count(ldae_models.create_dae(args.name)):,}')
     has = bool(cfg.get('file') or cfg.get('hf_hub_id') or cfg.get('url'))
     print(f'  weights: {"yes" if has else "none"}' + (f' (offline: {weights_available_offline(cfg)}, '
                                                       f'sha256: {cfg_sha256(cfg)})' if has else ''))

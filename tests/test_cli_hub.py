@@ -73,7 +73,7 @@ def test_list_and_info(capsys):
     assert 'ldae_vit_large_patch16_256' in out and 'ldae_vit_tiny_patch4_32' in out
     assert main(['info', 'ldae_vit_b']) == 0
     out = capsys.readouterr().out
-    assert 'merged 85,841,664' in out and 'arXiv:2401.14404' in out
+    assert 'merged 85,841,664' in out and 'arXiv:2401.14404' in out and 'full DAE 198,0' in out
     with pytest.raises(SystemExit, match='Unknown model'):
         main(['info', 'ldae_vit_nonexistent'])
 

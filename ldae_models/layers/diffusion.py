@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['linear_betas', 'alphas_cumprod', 'q_sample']
+__all__ = ['linear_betas', 'alphas_cumprod', 'q_sample', 'randn_like']
 
 
 def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -19,6 +19,13 @@ def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: 
 def alphas_cumprod(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """abar_t = prod_{s <= t} (1 - beta_s), float64 (T,)."""
     return torch.cumprod(1.0 - linear_betas(num_timesteps, beta_start, beta_end), dim=0)
+
+
+def randn_like(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``, drawn on the generator's device (seeded draws do not depend on
+    where ``x`` lives), then moved to ``x``'s device and dtype."""
+    device = x.device if generator is None else generator.device
+    return torch.randn(x.shape, generator=generator, device=device).to(x.device, x.dtype)
 
 
 def q_sample(
@@ -33,7 +40,6 @@ def q_sample(
     Returns (x_t, eps).
     """
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator,
-                            device=x0.device if generator is None else generator.device).to(x0.device, x0.dtype)
+        noise = randn_like(x0, generator)
     a = abar.to(x0.device)[t.long()].to(x0.dtype).reshape(-1, *([1] * (x0.dim() - 1)))
     return a.sqrt() * x0 + (1 - a).sqrt() * noise, noise

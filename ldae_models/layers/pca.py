@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .diffusion import randn_like
+
 __all__ = ['PatchPCA', 'PatchStats', 'patchify', 'unpatchify']
 
 LATENT_SCALES = ('global', 'whiten', 'none')
@@ -236,8 +238,7 @@ class PatchPCA(nn.Module):
         """
         z = self.encode(x)
         if noise is None:
-            noise = torch.randn(z.shape, generator=generator, device=z.device if generator is None else generator.device)
-            noise = noise.to(z.device, z.dtype)
+            noise = randn_like(z, generator)
         z_t = z + sigma.to(z.dtype).reshape(-1, 1, 1) * noise
         return self.decode(z_t, self.grid_size(x)), noise
 

@@ -33,7 +33,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._builder import pretrained_cfg_for_features
 from timm.models._features import FeatureInfo, feature_take_indices
 
-from ..layers.diffusion import alphas_cumprod, q_sample
+from ..layers.diffusion import alphas_cumprod, q_sample, randn_like
 from ..pretrained import _NOT_MODEL_ARGS, load_pretrained, unwrap_state_dict
 
 __all__ = ['UNet', 'DDAEUNet', 'unet_diffusers_to_ddae', 'UNET_CONFIGS', 'EDM_SIGMA_DATA']
@@ -328,8 +328,7 @@ class DDAEUNet(UNet):
         if self.noise_schedule == 'ddpm':
             return q_sample(x, t.round().long(), self.abar, noise=noise, generator=generator)
         if noise is None:
-            noise = torch.randn(x.shape, generator=generator,
-                                device=x.device if generator is None else generator.device).to(x)
+            noise = randn_like(x, generator)
         return x + t.reshape(-1, 1, 1, 1).to(x.dtype) * noise, noise
 
     def network_input(self, x_t: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

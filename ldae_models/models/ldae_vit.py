@@ -36,6 +36,7 @@ from timm.models._features import feature_take_indices
 from timm.layers import resample_abs_pos_embed
 
 from ..layers.blocks import AdaLNBlock, FinalLayer, init_adaln_weights
+from ..layers.diffusion import randn_like
 from ..layers.pca import PatchPCA, patchify
 from ..pretrained import load_pretrained, unwrap_state_dict
 from .adaln_vit import AdaLNViT, TimestepT, create_adaln_encoder
@@ -112,8 +113,7 @@ class LDAEEncoder(AdaLNViT):
         if self.noise_space == 'latent':
             return self.tokenizer.add_noise(x, sigma, noise=noise, generator=generator)
         if noise is None:
-            noise = torch.randn(x.shape, generator=generator,
-                                device=x.device if generator is None else generator.device).to(x.device, x.dtype)
+            noise = randn_like(x, generator)
         return x + sigma.to(x.dtype).reshape(-1, 1, 1, 1) * noise, noise
 
 
