@@ -1,5 +1,6 @@
 """Command line: ``ldae-models`` (also ``python -m ldae_models``).
 
+    ldae-models demo                          # the shipped CIFAR-10 model: features + denoising figure
     ldae-models features                      # features of sample images, default model
     ldae-models features --layers 5 11 --ts 0 10 80 --noise --out feats.safetensors
     ldae-models list                          # models and pretrained tags, offline availability
@@ -14,7 +15,9 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ['main']
+__all__ = ['main', 'DEFAULT_MODEL']
+
+DEFAULT_MODEL = 'ldae_vit_tiny_patch4_32.cifar10'  # shipped inside the package: works offline
 
 
 def sample_image_paths() -> List[str]:
@@ -47,6 +50,8 @@ def cmd_features(args: argparse.Namespace) -> int:
     import timm
     import ldae_models
     from safetensors.torch import save_file
+    if args.pretrained is None:  # a tagged name loads its weights unless told not to
+        args.pretrained = _has_weights_name(args.model)
     conditional = args.ts is not None or args.noise or args.layers is not None
     model = timm.create_model(args.model, pretrained=args.pretrained, t=args.t, merged=not conditional).eval()
     tokenizer = getattr(model, 'tokenizer', None)
@@ -83,9 +88,12 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     """The paper's Fig. 8: clean image, its latent-noised version (the network input), the denoised output."""
     import ldae_models
     from torchvision.utils import save_image
-    dae = ldae_models.create_dae(args.model, checkpoint=args.checkpoint, **_model_args(args)).eval()
+    if not args.checkpoint and not _has_weights_name(args.model):
+        raise SystemExit(f'{args.model} names no weights: give a tag (e.g. {DEFAULT_MODEL}) or --checkpoint FILE')
+    dae = ldae_models.create_dae(args.model, pretrained=not args.checkpoint, checkpoint=args.checkpoint,
+                                 **_model_args(args)).eval()
     if not dae.tokenizer.fitted:
-        raise SystemExit(f'{args.checkpoint} carries no fitted PCA tokenizer')
+        raise SystemExit(f'{args.checkpoint or args.model} carries no fitted PCA tokenizer')
     enc = dae.encoder
     enc.pretrained_cfg = dict(input_size=(3, *enc.patch_embed.img_size), mean=(0.5,) * 3, std=(0.5,) * 3,
                               crop_pct=1.0, interpolation='bicubic')
@@ -100,6 +108,17 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     save_image((rows.clamp(-1, 1) + 1) / 2, args.out, nrow=3, padding=2, pad_value=1.0)
     mse = ((pred - images) ** 2).mean().item()
     print(f'wrote {args.out}: {len(images)} rows of clean / noisy (t={args.t}) / denoised; denoised MSE {mse:.4f}')
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job in one command: features of sample images and the denoising figure, offline."""
+    out = args.out_dir
+    os.makedirs(out, exist_ok=True)
+    images = ['--images', *args.images] if args.images else []
+    main(['features', '--model', args.model, '--layers', '5', '11', '--ts', '0', '10', '80',
+          '--out', os.path.join(out, 'features.safetensors'), *images])
+    main(['denoise', '--model', args.model, '--t', str(args.t), '--out', os.path.join(out, 'denoising.png'), *images])
     return 0
 
 
@@ -170,7 +189,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
     from .pretrained import read_checkpoint, unwrap_state_dict
-    if args.model:  # through the model's own filter and strict load: the result is known to fit
+    if args.dae:  # the whole l-DAE, checked by a strict load into create_dae
+        import ldae_models
+        if not args.model:
+            raise SystemExit('--dae needs --model (the l-DAE size)')
+        state = ldae_models.create_dae(args.model, checkpoint=args.src, **_model_args(args)).state_dict()
+    elif args.model:  # through the model's own filter and strict load: the result is known to fit
         import timm
         import ldae_models  # noqa: F401
         model = timm.create_model(args.model, pretrained=True, merged=False,
@@ -178,9 +202,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
         state = model.state_dict()
     else:
         state = unwrap_state_dict(read_checkpoint(args.src), prefer_ema=args.ema)
+    if args.dtype:
+        from fnmatch import fnmatchcase
+        dtype = getattr(torch, args.dtype)
+        keep = args.keep if args.keep is not None else ['*tokenizer.*', '*pos_embed']
+        state = {k: v.to(dtype) if v.is_floating_point() and not any(fnmatchcase(k, p) for p in keep) else v
+                 for k, v in state.items()}
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, args.dst,
               metadata={'format': 'pt', **({'architecture': args.model} if args.model else {})})
-    print(f'wrote {args.dst}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} values')
+    size = os.path.getsize(args.dst) / 2 ** 20
+    print(f'wrote {args.dst}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} values, {size:.1f} MiB')
     return 0
 
 
@@ -210,8 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser('features', help='extract pooled features of images',
                        description='Extract pooled encoder features of images (default: sample photos '
                                    'shipped with matplotlib) and print or save them.')
-    f.add_argument('--model', default='ldae_vit_tiny_patch4_32', help='timm model name (default: %(default)s)')
-    f.add_argument('--pretrained', action='store_true', help='load the pretrained weights of the name or tag')
+    f.add_argument('--model', default=DEFAULT_MODEL, help='timm model name or NAME.TAG (default: %(default)s, '
+                   'shipped inside the package)')
+    f.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=None,
+                   help='load the weights of the name or tag (default: when the name carries a tag)')
     f.add_argument('--images', nargs='+', help='image files (default: matplotlib sample images)')
     f.add_argument('--t', type=int, default=10, help='fixed timestep of the encoder (default: %(default)s)')
     f.add_argument('--layers', type=int, nargs='+', help='0-based block indices (default: the last)')
@@ -223,14 +256,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('denoise', help='denoising figure of a trained l-DAE', description='Write the paper\'s '
                        'Fig. 8 for a trained DAE: clean / latent-noised / denoised, one row per image.')
-    p.add_argument('--checkpoint', required=True, help='full-DAE weights (OUT/model.safetensors of ldae-models train)')
-    p.add_argument('--model', default='ldae_vit_tiny_patch4_32', help='l-DAE size (default: %(default)s)')
+    p.add_argument('--checkpoint', help='full-DAE weights (OUT/model.safetensors of ldae-models train); default: '
+                   'those of the --model tag')
+    p.add_argument('--model', default=DEFAULT_MODEL, help='l-DAE size or NAME.TAG (default: %(default)s)')
     p.add_argument('--model-args', help='JSON object of model keyword arguments')
     p.add_argument('--images', nargs='+', help='image files (default: matplotlib sample images)')
     p.add_argument('--t', type=int, default=500, help='noise level as a timestep (default: %(default)s)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', default='denoising.png', help='output PNG (default: %(default)s)')
     p.set_defaults(func=cmd_denoise)
+
+    p = sub.add_parser('demo', help='the shipped model at work: features and a denoising figure',
+                       description='Load the l-DAE shipped inside the package (offline), extract pooled features '
+                                   'of sample photos (matplotlib\'s, or --images) at blocks 5 and 11 and t = 0, 10, '
+                                   '80, save them, and write the denoising figure (clean / noised / denoised).')
+    p.add_argument('--model', default=DEFAULT_MODEL, help='l-DAE NAME.TAG with full-DAE weights (default: %(default)s)')
+    p.add_argument('--images', nargs='+', help='image files (default: matplotlib sample images)')
+    p.add_argument('--t', type=int, default=500, help='noise level of the figure (default: %(default)s)')
+    p.add_argument('--out-dir', default='.', help='where features.safetensors and denoising.png go (default: .)')
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser('list', help='list models and pretrained tags', description='List registered models and '
                        'their pretrained tags, marking the tags whose weights are on this machine.')
@@ -249,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--model', help="convert through this model's filter and check that every key fits it")
     p.add_argument('--model-args', help='JSON object of model keyword arguments, e.g. \'{"depth": 6}\'')
     p.add_argument('--ema', action='store_true', help='prefer the EMA weights of a training checkpoint')
+    p.add_argument('--dae', action='store_true', help='the file holds the whole l-DAE (decoder and PCA tokenizer '
+                   'too): keep it all, checked by a strict load into create_dae(--model)')
+    p.add_argument('--dtype', choices=['float32', 'float16', 'bfloat16'],
+                   help='store floating-point tensors in this type (loading casts back to the model\'s)')
+    p.add_argument('--keep', nargs='*', metavar='GLOB', help='keys that keep their dtype under --dtype '
+                   '(default: *tokenizer.* *pos_embed, the PCA statistics and the fixed sin-cos positions)')
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser('export', help='export a merged encoder as a plain timm checkpoint',

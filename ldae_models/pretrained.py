@@ -75,6 +75,32 @@ def cfg_sha256(cfg: Dict[str, Any]) -> Optional[str]:
     return None
 
 
+def _recorded_sha256(cfg: Dict[str, Any]) -> Optional[str]:
+    """The sha256 that the cfg's own source must have.
+
+    A tag's sha256 note belongs to the tag's source. When ``pretrained_cfg_overlay`` points the tag at another
+    file (say, the output of your own training run) and brings no note of its own, the tag's note does not
+    apply to it; an overlay that also gives a note is checked against that note.
+    """
+    sha = cfg_sha256(cfg)
+    arch = cfg.get('architecture')
+    if not sha or not arch:
+        return sha
+    try:
+        from timm.models import get_pretrained_cfg
+        name = f"{arch}.{cfg['tag']}" if cfg.get('tag') else arch
+        registered = get_pretrained_cfg(name, allow_unregistered=True)
+    except Exception:  # noqa: BLE001 -- an unknown name: the note came with this cfg
+        return sha
+    if registered is None:
+        return sha
+    registered = registered.to_dict()
+    if cfg_sha256(registered) != sha:
+        return sha  # a note given with the overlay
+    keys = ('file', 'hf_hub_id', 'hf_hub_filename', 'url')
+    return sha if all(cfg.get(k) == registered.get(k) for k in keys) else None
+
+
 def sha256_of(path: PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, 'rb') as f:
@@ -155,7 +181,7 @@ def resolve_weights_file(cfg: Dict[str, Any], cache_dir: Optional[PathLike] = No
     The order is timm's: an ``hf-hub:`` or ``local-dir:`` model name, then ``file``, then ``hf_hub_id``,
     then ``url``.
     """
-    sha256 = cfg_sha256(cfg)
+    sha256 = _recorded_sha256(cfg)
     source = cfg.get('source') or ''
     file, hf_id, url = cfg.get('file'), cfg.get('hf_hub_id'), cfg.get('url')
     if source == 'hf-hub' and hf_id:
@@ -391,6 +417,8 @@ def save_pretrained(
     save_file(state, str(weights), metadata={'format': 'pt', 'architecture': architecture})
     sha = sha256_of(weights)
     pcfg = _clean_cfg(cfg)
+    # the notes travel into config.json: the sha256 there is that of the file written here
+    pcfg['notes'] = tuple(n for n in (pcfg.get('notes') or ()) if not str(n).startswith('sha256:')) + (sha256_note(sha),)
     config = dict(architecture=architecture, num_classes=getattr(model, 'num_classes', cfg.get('num_classes', 0)),
                   num_features=getattr(model, 'num_features', None), pretrained_cfg=pcfg, model_args=args)
     (save_dir / 'config.json').write_text(json.dumps(config, indent=2, default=_json_default) + '\n')

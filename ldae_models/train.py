@@ -283,7 +283,9 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                                                 start_step, total_steps),
         num_workers=args.workers, pin_memory=device.type == 'cuda', persistent_workers=False)
 
-    amp = dict(device_type='cuda', dtype=torch.bfloat16) if device.type == 'cuda' and not args.no_amp else None
+    amp_mode = 'off' if args.no_amp else args.amp
+    use_amp = amp_mode == 'bf16' or (amp_mode == 'auto' and device.type == 'cuda')
+    amp = dict(device_type=device.type, dtype=torch.bfloat16) if use_amp else None
     progress = _progress(total_steps, start_step, is_main and not args.quiet)
     step, micro, t0, seen, last = start_step, 0, time.time(), 0, {}
     log_file = open(out / 'log.jsonl', 'a') if is_main else None
@@ -432,7 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument('--log-every', type=int, default=50, help='steps between JSON log lines')
     ap.add_argument('--compile', action='store_true', help='torch.compile the model')
     ap.add_argument('--grad-checkpointing', action='store_true')
-    ap.add_argument('--no-amp', action='store_true', help='no bf16 autocast on GPU')
+    ap.add_argument('--amp', choices=['auto', 'bf16', 'off'], default='auto',
+                    help='bf16 autocast: auto = on GPU only; bf16 = also on CPU (about 1.25x faster on CPUs with '
+                         'AVX512-BF16/AMX); off = float32')
+    ap.add_argument('--no-amp', action='store_true', help='same as --amp off')
     ap.add_argument('--quiet', action='store_true', help='no progress bar')
     g = ap.add_argument_group('l-DAE (ablations of the paper; default: the final l-DAE)')
     g.add_argument('--target', choices=('image', 'latent', 'noise'))

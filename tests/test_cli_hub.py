@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from conftest import rel_err
 from safetensors.torch import load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +32,7 @@ def test_noise_without_fitted_tokenizer_is_explained():
     pytest.importorskip('matplotlib')
     from ldae_models.cli import main
     with pytest.raises(SystemExit, match='fitted PCA tokenizer'):
-        main(['features', '--noise'])
+        main(['features', '--model', 'ldae_vit_tiny_patch4_32', '--noise'])  # no tag: random weights
 
 
 def test_python_m_help():
@@ -98,6 +99,30 @@ def test_convert_training_checkpoint(ckpt, tmp_path):
     assert sd.keys() == dae.state_dict().keys() and all(torch.equal(sd[k], v) for k, v in dae.state_dict().items())
     with pytest.raises(SystemExit, match='not valid JSON'):
         main(['convert', str(path), str(dst), '--model', 'ldae_vit_tiny_patch4_32', '--model-args', '{depth'])
+
+
+def test_convert_full_dae_to_half_precision(ckpt, tmp_path):
+    """--dae keeps decoder and tokenizer; --dtype float16 halves the weights but keeps the PCA statistics in
+    float32; the result loads back into create_dae (cast to float32) with a float16-sized error."""
+    import ldae_models
+    from ldae_models.cli import main
+    dae, path = ckpt
+    with pytest.raises(SystemExit, match='--dae needs --model'):
+        main(['convert', str(path), str(tmp_path / 'x.safetensors'), '--dae'])
+    dst = tmp_path / 'dae16.safetensors'
+    assert main(['convert', str(path), str(dst), '--dae', '--model', 'ldae_vit_tiny_patch4_32', '--model-args',
+                 '{"depth": 1}', '--dtype', 'float16']) == 0
+    sd = load_file(str(dst))
+    assert sd.keys() == dae.state_dict().keys()
+    assert sd['encoder.tokenizer.components'].dtype == sd['encoder.pos_embed'].dtype == torch.float32
+    assert sd['final_layer.linear.weight'].dtype == torch.float16
+    assert torch.equal(sd['encoder.tokenizer.components'], dae.tokenizer.components)
+    back = ldae_models.create_dae('ldae_vit_tiny_patch4_32', checkpoint=str(dst), depth=1).eval()
+    assert back.final_layer.linear.weight.dtype == torch.float32
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        noisy, _ = dae.eval().add_noise(x, 100, generator=torch.Generator().manual_seed(0))
+        assert rel_err(back.denoise(noisy, 100), dae.denoise(noisy, 100)) < 5e-3  # float16 rounding of the weights
 
 
 def test_export_command_loads_with_timm(ckpt, tmp_path):

@@ -184,6 +184,7 @@ def test_save_pretrained_local_dir_and_hf_hub_round_trip(trained, tmp_path):
     assert {p.name for p in out.iterdir()} == {'model.safetensors', 'config.json', 'README.md'}
     cfg = json.loads((out / 'config.json').read_text())
     assert cfg['architecture'] == NAME and cfg['model_args']['merged'] is False
+    assert cfg_sha256(cfg['pretrained_cfg']) == sha256_of(out / 'model.safetensors')  # the note of the file written
     card = (out / 'README.md').read_text()
     assert 'license: apache-2.0' in card and 'sha256' in card and 'synthetic' in card
     back = timm.create_model(f'local-dir:{out}', pretrained=True)

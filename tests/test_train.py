@@ -68,6 +68,15 @@ def test_training_steps_and_loadable_result(folder, tmp_path):
     assert _I.open(tmp_path / 'fig.png').size == (3 * 128 + 4 * 2, 2 * 128 + 3 * 2)
 
 
+def test_bf16_autocast_on_cpu(folder, tmp_path):
+    """--amp bf16 runs the step under CPU autocast (faster on CPUs with AVX512-BF16/AMX); the loss stays close."""
+    args = base_args(folder, tmp_path / 'a', '--max-steps', '2', '--ema', '0')
+    fp32 = T.train(T.build_parser().parse_args(args))['last']['loss']
+    bf16 = T.train(T.build_parser().parse_args(base_args(folder, tmp_path / 'b', '--max-steps', '2', '--ema', '0',
+                                                         '--amp', 'bf16')))['last']['loss']
+    assert bf16 != fp32 and abs(bf16 - fp32) < 0.05 * fp32, (bf16, fp32)  # bf16 matmuls: close, not equal
+
+
 _KILLER = '''
 import os, signal, sys
 import ldae_models.train as T

@@ -38,7 +38,7 @@ from timm.layers import resample_abs_pos_embed
 from ..layers.blocks import AdaLNBlock, FinalLayer, init_adaln_weights
 from ..layers.diffusion import randn_like
 from ..layers.pca import PatchPCA, patchify
-from ..pretrained import load_pretrained, unwrap_state_dict
+from ..pretrained import CheckpointMismatchError, load_pretrained, packaged_file, sha256_note, unwrap_state_dict
 from .adaln_vit import AdaLNViT, TimestepT, create_adaln_encoder
 
 __all__ = ['LDAEEncoder', 'LatentDAE', 'create_dae', 'list_daes', 'sigma_schedule', 'MODEL_CONFIGS', 'MODEL_ALIASES']
@@ -353,15 +353,37 @@ def list_daes() -> List[str]:
     return sorted(MODEL_CONFIGS) + sorted(MODEL_ALIASES)
 
 
-def create_dae(name: str, checkpoint: Optional[str] = None, **kwargs: Any) -> LatentDAE:
-    """Build the full l-DAE (for training) of a registered size; ``kwargs`` override its config.
+def create_dae(name: str, pretrained: bool = False, checkpoint: Optional[str] = None,
+               cache_dir: Optional[str] = None, **kwargs: Any) -> LatentDAE:
+    """Build the full l-DAE (encoder, decoder, PCA tokenizer) of a registered size; ``kwargs`` override its config.
 
-    ``checkpoint`` loads a full-DAE file (``model.safetensors`` of ``ldae-models train``, or a training checkpoint)
-    through the safe loader, strictly. Example: ``create_dae('ldae_vit_tiny_patch4_32', latent_dim=8)``.
+    ``pretrained=True`` loads the full-DAE weights of the tag in ``name`` (e.g. ``'ldae_vit_tiny_patch4_32.cifar10'``,
+    or the architecture's default tag), through the same safe, sha256-checked path as ``timm.create_model``.
+    ``checkpoint`` loads a full-DAE file instead (``model.safetensors`` of ``ldae-models train``, or a training
+    checkpoint), strictly. Example: ``create_dae('ldae_vit_tiny_patch4_32', latent_dim=8)``.
     """
     dae = LatentDAE(**{**MODEL_CONFIGS[_resolve_name(name)], **kwargs})
+    full = lambda sd, model: unwrap_state_dict(sd)  # noqa: E731 -- the file holds the whole DAE
     if checkpoint:
-        load_pretrained(dae, dict(file=checkpoint), filter_fn=lambda sd, model: unwrap_state_dict(sd))
+        load_pretrained(dae, dict(file=checkpoint), filter_fn=full)
+    elif pretrained:
+        from timm.models import get_pretrained_cfg
+        base, _, tag = name.partition('.')
+        base = MODEL_ALIASES.get(base, base)
+        try:
+            cfg = get_pretrained_cfg(f'{base}.{tag}' if tag else base)
+        except RuntimeError:  # timm: an invalid tag for a known architecture
+            cfg = None
+        if cfg is None:
+            import timm
+            raise ValueError(f'unknown pretrained tag {name!r}; tags: {", ".join(timm.list_pretrained(base + "*"))}')
+        cfg = cfg.to_dict()
+        try:
+            load_pretrained(dae, cfg, filter_fn=full, cache_dir=cache_dir)
+        except CheckpointMismatchError as e:
+            raise CheckpointMismatchError(f'{name}: its weights do not hold the full DAE this size builds (an '
+                                          f'encoder-only file, or other model arguments)\n{e}') from None
+        dae.pretrained_cfg = cfg
     return dae
 
 
@@ -400,8 +422,18 @@ def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
     }
 
 
+# The zoo's own checkpoints. A tag is listed only when its bytes exist; the first tag of an architecture is its
+# default (``timm.create_model('ldae_vit_tiny_patch4_32', pretrained=True)``).
+TINY_CIFAR10_FILE = 'ldae_vit_tiny_patch4_32.cifar10.safetensors'
+TINY_CIFAR10_SHA256 = 'c2eb2efd957a1f68cec7b03b46c32690c6edae01a8e3f3bc56934a57c9435552'
+
 default_cfgs = generate_default_cfgs({
-    'ldae_vit_tiny_patch4_32': _cfg(input_size=(3, 32, 32)),
+    'ldae_vit_tiny_patch4_32.cifar10': _cfg(
+        file=packaged_file(TINY_CIFAR10_FILE), input_size=(3, 32, 32), license='apache-2.0',
+        description='l-DAE ViT-Ti/4 trained by ldae-models on the CIFAR-10 train split (model card: '
+                    'ldae_models/weights/ldae_vit_tiny_patch4_32.cifar10.md); the file holds the whole DAE '
+                    '(encoder, decoder, PCA tokenizer) in float16, the tokenizer in float32',
+        notes=(sha256_note(TINY_CIFAR10_SHA256),)),
     'ldae_vit_small_patch4_32': _cfg(input_size=(3, 32, 32)),
     'ldae_vit_base_patch16_256': _cfg(),
     'ldae_vit_halflarge_patch16_256': _cfg(),
