@@ -36,6 +36,9 @@ def trained(tmp_path_factory):
 
 
 def create(pretrained=True, **kw):
+    overlay = kw.pop('pretrained_cfg_overlay', None)
+    if overlay is not None:  # the tag's packaged file comes first in timm's order: an overlay source replaces it
+        kw['pretrained_cfg_overlay'] = {'file': None, **overlay}
     return timm.create_model(NAME, pretrained=pretrained, merged=False, **{**TINY, **kw})
 
 
