@@ -80,7 +80,8 @@ def _recorded_sha256(cfg: Dict[str, Any]) -> Optional[str]:
 
     A tag's sha256 note belongs to the tag's source. When ``pretrained_cfg_overlay`` points the tag at another
     file (say, the output of your own training run) and brings no note of its own, the tag's note does not
-    apply to it; an overlay that also gives a note is checked against that note.
+    apply to it; an overlay that gives a different note is checked against that one. A cfg that names no
+    registered tag keeps its note (e.g. a ``config.json`` written by ``save_pretrained``).
     """
     sha = cfg_sha256(cfg)
     arch = cfg.get('architecture')

@@ -432,7 +432,7 @@ default_cfgs = generate_default_cfgs({
         file=packaged_file(TINY_CIFAR10_FILE), input_size=(3, 32, 32), license='apache-2.0',
         description='l-DAE ViT-Ti/4 trained by ldae-models on the CIFAR-10 train split (model card: '
                     'ldae_models/weights/ldae_vit_tiny_patch4_32.cifar10.md); the file holds the whole DAE '
-                    '(encoder, decoder, PCA tokenizer) in float16, the tokenizer in float32',
+                    '(encoder, decoder, PCA tokenizer) in float16, the PCA statistics and positions in float32',
         notes=(sha256_note(TINY_CIFAR10_SHA256),)),
     'ldae_vit_small_patch4_32': _cfg(input_size=(3, 32, 32)),
     'ldae_vit_base_patch16_256': _cfg(),
