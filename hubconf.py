@@ -1,7 +1,10 @@
-"""torch.hub entry points: ``torch.hub.load('<repo or local dir>', 'ldae_vit_l', pretrained=False)``."""
+"""torch.hub entry points: ``torch.hub.load('<repo or local dir>', 'ldae_vit_l', pretrained=False)``.
+
+Every model of the zoo (``ldae_models.list_models()``) is an entry point: its registered timm function.
+"""
 dependencies = ['torch', 'timm', 'safetensors', 'huggingface_hub']
 
-from ldae_models.models.ldae_vit import (  # noqa: E402,F401  (entry points are the registered timm functions)
-    ldae_vit_b, ldae_vit_base_patch16_256, ldae_vit_half_l, ldae_vit_halflarge_patch16_256, ldae_vit_l,
-    ldae_vit_large_patch16_256, ldae_vit_small_patch4_32, ldae_vit_tiny_patch4_32,
-)
+import ldae_models as _ldae_models  # noqa: E402  (importing registers the models)
+from timm.models import model_entrypoint as _entrypoint  # noqa: E402
+
+globals().update({_name: _entrypoint(_name) for _name in _ldae_models.list_models()})

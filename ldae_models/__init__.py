@@ -2,18 +2,18 @@
 
 ``import ldae_models`` registers the models with timm; then ``timm.create_model('ldae_vit_l')``.
 """
-from .features import ddae_grid_features, extract_features
-from .layers import PatchPCA
-from .models import (
-    DDAE_DIT_PRESET, AdaLNViT, DDAEUNet, DiffusionInput, DiT, DiTEncoder, LDAEEncoder, LatentDAE, UNet, create_dae,
-    create_dit, list_daes, list_dits,
-)
-from .pretrained import (
+from .features import extract_features
+from .hub import (
     CheckpointError, CheckpointMismatchError, ChecksumError, export_timm, load_pretrained, push_to_hub,
     read_checkpoint, save_pretrained,
 )
+from .layers import NoiseSchedule, PatchPCA, create_schedule
+from .models import (
+    DDAE_DIT_PRESET, AdaLNViT, DDAEUNet, DiffusionInput, DiT, DiTEncoder, FeatureExtractor, LDAEEncoder, LatentDAE,
+    MergedViT, UNet, as_extractor, create_dae, create_dit, has_weights, list_daes, list_dits, list_models,
+)
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
 
 __all__ = [
     # l-DAE
@@ -22,8 +22,9 @@ __all__ = [
     'DiT', 'DiTEncoder', 'DiffusionInput', 'DDAE_DIT_PRESET', 'create_dit', 'list_dits',
     # DDAE UNets
     'UNet', 'DDAEUNet',
-    # shared
-    'AdaLNViT', 'extract_features', 'ddae_grid_features',
+    # shared: the encoder contract, schedules, the zoo
+    'FeatureExtractor', 'AdaLNViT', 'MergedViT', 'as_extractor', 'extract_features', 'NoiseSchedule',
+    'create_schedule', 'list_models', 'has_weights',
     # weights
     'CheckpointError', 'CheckpointMismatchError', 'ChecksumError', 'export_timm', 'load_pretrained', 'push_to_hub',
     'read_checkpoint', 'save_pretrained',

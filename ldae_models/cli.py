@@ -1,209 +1,269 @@
-"""Command line: ``ldae-models`` (also ``python -m ldae_models``).
+"""The command line: ``ldae-models COMMAND`` (also ``python -m ldae_models``), the one argparse front end.
 
     ldae-models demo                          # the shipped CIFAR-10 model: features + denoising figure
-    ldae-models features                      # features of sample images, default model
-    ldae-models features --layers 5 11 --ts 0 10 80 --noise --out feats.safetensors
-    ldae-models list                          # models and pretrained tags, offline availability
-    ldae-models info ldae_vit_b               # config, sizes, weight source
-    ldae-models convert train_ckpt.pth model.safetensors --model ldae_vit_tiny_patch4_32
-    ldae-models export ldae_vit_tiny_patch4_32.cifar10 --t 10 out_dir/
+    ldae-models features --layers 5 11 --ts 0 10 80 --noisy-input --out feats.safetensors
+    ldae-models train --dataset cifar10 --data-root ~/data --out runs/tiny --epochs 400
+    ldae-models extract --model NAME.TAG --dataset cifar10 --data-root ~/data --out feats/   # shards, any (layers, t)
+    ldae-models probe --model NAME.TAG --dataset cifar10 --data-root ~/data --floors         # linear + kNN
+    ldae-models list | info NAME | convert SRC DST | export NAME DST
+
+A mistake (a missing file, an unknown model, a bad argument) is answered with one line naming it and exit status 2;
+``--debug`` (or ``LDAE_MODELS_DEBUG=1``) shows the traceback instead.
 """
 import argparse
+import dataclasses
+import json
 import os
 import sys
-from typing import List, Optional
+import time
+import typing
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 import torch
 
-__all__ = ['main', 'DEFAULT_MODEL']
+__all__ = ['main', 'build_parser', 'DEFAULT_MODEL']
 
 DEFAULT_MODEL = 'ldae_vit_tiny_patch4_32.cifar10'  # shipped inside the package: works offline
+_USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)  # ImportError: those that say what to install
 
+
+# -- shared helpers --------------------------------------------------------------------------------------------------
+
+def _json_object(text: Optional[str], flag: str = '--model-args') -> Dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{flag} is not valid JSON: {e}') from None
+    if not isinstance(value, dict):
+        raise ValueError(f'{flag} must be a JSON object, e.g. \'{{"depth": 6}}\'')
+    return value
+
+
+def _stage(message: str) -> None:
+    """A line per stage of a long command (stderr, so that stdout stays the result)."""
+    print(f'[{time.strftime("%H:%M:%S")}] {message}', file=sys.stderr, flush=True)
+
+
+def _device(name: str) -> torch.device:
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('--device cuda: no CUDA device is available')
+    return torch.device(name)
+
+
+def _model(args: argparse.Namespace, **kwargs: Any) -> torch.nn.Module:
+    from .models import load_model
+    return load_model(args.model, pretrained=getattr(args, 'pretrained', None),
+                      checkpoint=getattr(args, 'checkpoint', None), **_json_object(getattr(args, 'model_args', None)),
+                      **kwargs).eval()
+
+
+def _add_model_args(p: argparse.ArgumentParser, default: Optional[str] = DEFAULT_MODEL) -> None:
+    p.add_argument('--model', default=default, required=default is None,
+                   help='timm name, NAME.TAG, local-dir:PATH or hf-hub:ORG/NAME' +
+                        (' (default: %(default)s, shipped inside the package)' if default else ''))
+    p.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=None,
+                   help='load the weights the name names (default: when it carries a tag, or is hf-hub:/local-dir:)')
+    p.add_argument('--checkpoint', help='your own weights file for the architecture (any layout it reads)')
+    p.add_argument('--model-args', help='JSON object of model keyword arguments, e.g. \'{"depth": 6}\'')
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    from .data import DATASETS
+    p.add_argument('--dataset', choices=DATASETS, default='folder',
+                   help="folder: an ImageFolder (ROOT/train, ROOT/test or val); cifar10: torchvision's CIFAR-10 "
+                        "folder; npz: arrays (default: %(default)s)")
+    p.add_argument('--data-root', '--data-dir', dest='data_root', required=required,
+                   help='the data set: ImageFolder root, the folder torchvision.datasets.CIFAR10(root) uses, or .npz')
+    p.add_argument('--download', action='store_true', help='download CIFAR-10 where the network allows')
+
+
+# -- features, denoise, demo -----------------------------------------------------------------------------------------
 
 def sample_image_paths() -> List[str]:
     """Photos that ship with matplotlib (the ``demo`` extra), used when no --images are given."""
     try:
         from matplotlib import cbook
-    except ImportError as e:
-        raise SystemExit('no --images given and matplotlib (for its sample images) is not installed: '
-                         'pip install "ldae-models[demo]" or pass --images FILE ...') from e
+    except ImportError:
+        raise ImportError('no --images given and matplotlib (for its sample images) is not installed: '
+                          'pip install "ldae-models[demo]" or pass --images FILE ...') from None
     names = ('grace_hopper.jpg', 'Minduka_Present_Blue_Pack.png', 'logo2.png')
     return [str(cbook.get_sample_data(n, asfileobj=False)) for n in names]
 
 
-def load_images(paths: List[str], model: torch.nn.Module) -> torch.Tensor:
-    """Read images with PIL and apply the model's own eval transform (resize, center crop, normalise)."""
-    from PIL import Image
+def load_images(paths: List[str], cfg: Dict[str, Any]) -> torch.Tensor:
+    """Read images with PIL and apply the eval transform of a pretrained cfg (resize, center crop, normalise)."""
+    from PIL import Image, UnidentifiedImageError
     import timm.data
-    cfg = timm.data.resolve_model_data_config(model)
-    transform = timm.data.create_transform(**cfg, is_training=False)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=cfg), is_training=False)
     out = []
     for p in paths:
         if not os.path.isfile(p):
-            raise SystemExit(f'image not found: {p}')
-        with Image.open(p) as im:
-            out.append(transform(im.convert('RGB')))
+            raise FileNotFoundError(f'image not found: {p}')
+        try:
+            with Image.open(p) as im:
+                out.append(transform(im.convert('RGB')))
+        except UnidentifiedImageError:
+            raise ValueError(f'not an image file: {p}') from None
     return torch.stack(out)
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    import timm
-    import ldae_models
     from safetensors.torch import save_file
-    if args.pretrained is None:  # a tagged name loads its weights unless told not to
-        args.pretrained = _has_weights_name(args.model)
-    conditional = args.ts is not None or args.noise or args.layers is not None
-    model = timm.create_model(args.model, pretrained=args.pretrained, t=args.t, merged=not conditional).eval()
+    from .features import extract_features, feature_key
+    model = _model(args, merged=False, **({} if args.t is None else {'t': args.t}))
     tokenizer = getattr(model, 'tokenizer', None)
-    if args.noise and tokenizer is not None and not tokenizer.fitted:
-        raise SystemExit(f'--noise needs the fitted PCA tokenizer that a trained checkpoint carries; {args.model} '
-                         f'has random weights here (use --pretrained with a trained tag)')
+    if args.noisy_input and tokenizer is not None and not tokenizer.fitted:
+        raise ValueError(f'--noisy-input needs the fitted PCA tokenizer that a trained checkpoint carries; '
+                         f'{args.model} has random weights here (give a tag, e.g. {DEFAULT_MODEL})')
     paths = args.images or sample_image_paths()
-    images = load_images(paths, model)
-    weights = 'pretrained weights' if args.pretrained else 'random weights (untrained: pass --pretrained for a trained tag)'
-    print(f'{args.model}: {weights}; {len(paths)} images {tuple(images.shape[1:])}')
-    if not args.pretrained:
+    channels = model.pretrained_cfg['input_size'][0]
+    if channels != 3:
+        hint = model._channel_hint() if hasattr(model, '_channel_hint') else ''
+        raise ValueError(f'{args.model} takes {channels}-channel inputs, not RGB images{hint}'.replace(
+            'create the model with vae=', "pass --model-args '{\"vae\": ...}' with vae="))
+    images = load_images(paths, model.pretrained_cfg)
+    has = bool(model.pretrained_cfg.get('tag') or args.checkpoint or args.model.startswith(('hf-hub:', 'local-dir:')))
+    print(f'{args.model}: {"pretrained weights" if has else "random weights (untrained: give a tag for trained ones)"}; '
+          f'{len(paths)} images {tuple(images.shape[1:])}')
+    if not has:
         print('  note: untrained DiT-style blocks start as the identity (adaLN-Zero), so these features do not yet '
               'vary with the layer or t')
-    if conditional:
-        layers = args.layers if args.layers is not None else [-1]
-        g = torch.Generator().manual_seed(args.seed)
-        feats = ldae_models.extract_features(model, images, layers=layers, ts=args.ts or [args.t],
-                                             noise=args.noise, generator=g)
-    else:
-        with torch.no_grad():
-            feats = {(len(model.blocks) - 1, args.t): model(images)}
+    feats = extract_features(model, images, layers=args.layers or [-1], ts=args.ts, noisy_input=args.noisy_input,
+                             generator=torch.Generator().manual_seed(args.seed))
     tensors = {}
     for (layer, t), f in feats.items():
-        print(f'  layer {layer:>3} t {t:>6}: features {tuple(f.shape)}  mean {f.mean():+.4f}  std {f.std():.4f}  '
+        print(f'  layer {layer:>3} t {t:>6g}: features {tuple(f.shape)}  mean {f.mean():+.4f}  std {f.std():.4f}  '
               f'first {[round(v, 4) for v in f[0, :4].tolist()]}')
-        tensors[f'layer{layer}_t{t}'] = f.contiguous()
+        tensors[feature_key(layer, t)] = f.contiguous()
     if args.out:
         save_file(tensors, args.out, metadata={'model': args.model, 'images': '\n'.join(paths)})
         print(f'wrote {args.out}')
     return 0
 
 
+def denoising_figure(images: torch.Tensor, noisy: torch.Tensor, pred: torch.Tensor, t: float, path: str) -> List[Dict]:
+    """The paper's Fig. 8 with titles: per row clean / noised at t / denoised, each with its MSE to the clean image."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    rows = []
+    fig, axes = plt.subplots(len(images), 3, figsize=(7.5, 2.6 * len(images)), squeeze=False)
+    for i in range(len(images)):
+        mse_noisy = (noisy[i] - images[i]).square().mean().item()
+        mse_pred = (pred[i] - images[i]).square().mean().item()
+        rows.append(dict(mse_noisy=mse_noisy, mse_denoised=mse_pred))
+        for j, (img, title) in enumerate(((images[i], 'clean'), (noisy[i], f'noised at t={t:g}\nMSE {mse_noisy:.4f}'),
+                                          (pred[i], f'denoised\nMSE {mse_pred:.4f}'))):
+            ax = axes[i, j]
+            ax.imshow(((img.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy(), interpolation='nearest')
+            ax.set_title(title, fontsize=9)
+            ax.axis('off')
+    fig.suptitle('l-DAE denoising (MSE against the clean image, images in [-1, 1])', fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return rows
+
+
 def cmd_denoise(args: argparse.Namespace) -> int:
     """The paper's Fig. 8: clean image, its latent-noised version (the network input), the denoised output."""
-    import ldae_models
-    from torchvision.utils import save_image
-    if not args.checkpoint and not _has_weights_name(args.model):
-        raise SystemExit(f'{args.model} names no weights: give a tag (e.g. {DEFAULT_MODEL}) or --checkpoint FILE')
-    dae = ldae_models.create_dae(args.model, pretrained=not args.checkpoint, checkpoint=args.checkpoint,
-                                 **_model_args(args)).eval()
+    from .models import create_dae, names_weights
+    if not args.checkpoint and not names_weights(args.model):
+        raise ValueError(f'{args.model} names no weights: give a tag (e.g. {DEFAULT_MODEL}) or --checkpoint FILE')
+    dae = create_dae(args.model, pretrained=not args.checkpoint, checkpoint=args.checkpoint,
+                     **_json_object(args.model_args)).eval()
     if not dae.tokenizer.fitted:
-        raise SystemExit(f'{args.checkpoint or args.model} carries no fitted PCA tokenizer')
-    enc = dae.encoder
-    enc.pretrained_cfg = dict(input_size=(3, *enc.patch_embed.img_size), mean=(0.5,) * 3, std=(0.5,) * 3,
-                              crop_pct=1.0, interpolation='bicubic')
-    images = load_images(args.images or sample_image_paths(), enc)
-    g = torch.Generator().manual_seed(args.seed)
+        raise ValueError(f'{args.checkpoint or args.model} carries no fitted PCA tokenizer')
+    size = tuple(dae.encoder.patch_embed.img_size)
+    images = load_images(args.images or sample_image_paths(), dict(input_size=(3, *size), mean=(0.5,) * 3,
+                                                                   std=(0.5,) * 3, crop_pct=1.0, interpolation='bicubic'))
     with torch.no_grad():
-        noisy, _ = dae.add_noise(images, args.t, generator=g)
+        noisy, _ = dae.add_noise(images, args.t, generator=torch.Generator().manual_seed(args.seed))
         pred = dae.denoise(noisy, args.t)
-    rows = torch.stack([images, noisy, pred], dim=1).flatten(0, 1)  # per image: clean, noisy, denoised
-    zoom = max(1, 128 // rows.shape[-1])  # small images are shown enlarged, pixel for pixel
-    rows = torch.nn.functional.interpolate(rows, scale_factor=zoom, mode='nearest')
-    save_image((rows.clamp(-1, 1) + 1) / 2, args.out, nrow=3, padding=2, pad_value=1.0)
-    mse = ((pred - images) ** 2).mean().item()
-    print(f'wrote {args.out}: {len(images)} rows of clean / noisy (t={args.t}) / denoised; denoised MSE {mse:.4f}')
+    rows = denoising_figure(images, noisy, pred, args.t, args.out)
+    for i, r in enumerate(rows):
+        print(f'  image {i}: MSE noised {r["mse_noisy"]:.4f} -> denoised {r["mse_denoised"]:.4f}')
+    print(f'wrote {args.out}: {len(images)} rows of clean / noised (t={args.t:g}) / denoised')
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job in one command: features of sample images and the denoising figure, offline."""
-    out = args.out_dir
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(args.out_dir, exist_ok=True)
     images = ['--images', *args.images] if args.images else []
-    main(['features', '--model', args.model, '--layers', '5', '11', '--ts', '0', '10', '80',
-          '--out', os.path.join(out, 'features.safetensors'), *images])
-    main(['denoise', '--model', args.model, '--t', str(args.t), '--out', os.path.join(out, 'denoising.png'), *images])
-    return 0
+    code = main(['features', '--model', args.model, '--layers', '5', '11', '--ts', '0', '10', '80',
+                 '--out', os.path.join(args.out_dir, 'features.safetensors'), *images])
+    return code or main(['denoise', '--model', args.model, '--t', str(args.t), '--out',
+                 os.path.join(args.out_dir, 'denoising.png'), *images])
 
 
-def _model_args(args: argparse.Namespace) -> dict:
-    import json
-    if not args.model_args:
-        return {}
-    try:
-        value = json.loads(args.model_args)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f'--model-args is not valid JSON: {e}')
-    if not isinstance(value, dict):
-        raise SystemExit('--model-args must be a JSON object, e.g. \'{"depth": 6}\'')
-    return value
-
-
-def _has_weights_name(name: str) -> bool:
-    return name.startswith(('hf-hub:', 'local-dir:')) or '.' in name.split(':')[-1].split('/')[-1]
-
+# -- the zoo ------------------------------------------------------------------------------------------------------------
 
 def cmd_list(args: argparse.Namespace) -> int:
+    import fnmatch
     import timm
-    import ldae_models  # noqa: F401
-    from .pretrained import weights_available_offline
-    models = timm.list_models(args.pattern)
-    tags = set(timm.list_pretrained(args.pattern))
+    from .hub.sources import weight_source
+    from .models import list_models
+    models = [m for m in list_models() if fnmatch.fnmatch(m, args.pattern)]
     print(f'{len(models)} models matching {args.pattern!r}; pretrained tags marked [offline] have their bytes here')
     for m in models:
         print(m)
-        for tag in sorted(t for t in tags if t.split('.', 1)[0] == m):
+        for tag in sorted(timm.list_pretrained(m + '.*')):
             cfg = timm.models.get_pretrained_cfg(tag).to_dict()
-            mark = '[offline]' if weights_available_offline(cfg) else '[download]'
-            src = cfg.get('file') and 'packaged' or cfg.get('hf_hub_id') or cfg.get('url')
-            print(f'    {tag:50s} {mark:10s} {src}  license={cfg.get("license")}')
+            src = weight_source(cfg)
+            mark = '[offline]' if src.available_offline() else '[download]'
+            where = 'packaged' if cfg.get('file') else src.describe()
+            print(f'    {tag:50s} {mark:10s} {where}  license={cfg.get("license")}')
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    import json
     import timm
-    import ldae_models  # noqa: F401
-    from .pretrained import cfg_sha256, weights_available_offline
-    try:
-        with torch.device('meta'):
-            enc = timm.create_model(args.name, merged=False)
-    except RuntimeError as e:
-        raise SystemExit(str(e))
-    cfg = dict(enc.pretrained_cfg)
+    from .hub.sources import cfg_sha256, weight_source
+    from .models import list_daes, pretrained_cfg_for
+    cfg = pretrained_cfg_for(args.name)
+    with torch.device('meta'):
+        enc = timm.create_model(args.name.split('.')[0], merged=False)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    print(f'{args.name}')
-    print(f'  class: {type(enc).__name__}; blocks: {len(enc.blocks)}; width: {enc.embed_dim}; fixed t: {enc.t}')
-    print(f'  parameters: conditional {count(enc):,}')
+    print(args.name)
+    print(f'  class: {type(enc).__name__}; taps: {enc.num_taps}; fixed t: {enc.t:g}; schedule: {enc.schedule!r}'
+          f'{"; noisy input" if enc.noisy_input else ""}')
+    print(f'  parameters: {count(enc):,}' + (' (conditional)' if hasattr(enc, 'merge') else ''))
     if hasattr(enc, 'vit_args'):
         from timm.models import VisionTransformer
         with torch.device('meta'):
             print(f'  parameters: merged {count(VisionTransformer(**enc.vit_args())):,}')
-    if args.name.split('.')[0] in ldae_models.list_daes():
+    if args.name.split('.')[0] in list_daes():
+        from .models import create_dae
         with torch.device('meta'):
-            print(f'  parameters: full DAE {count(ldae_models.create_dae(args.name)):,}')
-    has = bool(cfg.get('file') or cfg.get('hf_hub_id') or cfg.get('url'))
-    print(f'  weights: {"yes" if has else "none"}' + (f' (offline: {weights_available_offline(cfg)}, '
-                                                      f'sha256: {cfg_sha256(cfg)})' if has else ''))
-    shown = {k: v for k, v in cfg.items() if k not in ('state_dict',)}
-    print('  pretrained cfg: ' + json.dumps(shown, default=str, indent=2).replace('\n', '\n  '))
+            print(f'  parameters: full DAE {count(create_dae(args.name.split(".")[0])):,}')
+    src = weight_source(cfg)
+    print('  weights: ' + ('none' if src is None else f'{src.describe()} (offline: {src.available_offline()}, '
+                                                     f'sha256: {cfg_sha256(cfg)})'))
+    print('  pretrained cfg: ' + json.dumps(cfg, default=str, indent=2).replace('\n', '\n  '))
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from fnmatch import fnmatchcase
     from safetensors.torch import save_file
-    from .pretrained import read_checkpoint, unwrap_state_dict
+    from .hub.checkpoint import read_checkpoint, unwrap_state_dict
     if args.dae:  # the whole l-DAE, checked by a strict load into create_dae
-        import ldae_models
+        from .models import create_dae
         if not args.model:
-            raise SystemExit('--dae needs --model (the l-DAE size)')
-        state = ldae_models.create_dae(args.model, checkpoint=args.src, **_model_args(args)).state_dict()
+            raise ValueError('--dae needs --model (the l-DAE size)')
+        state = create_dae(args.model, checkpoint=args.src, **_json_object(args.model_args)).state_dict()
     elif args.model:  # through the model's own filter and strict load: the result is known to fit
-        import timm
-        import ldae_models  # noqa: F401
-        model = timm.create_model(args.model, pretrained=True, merged=False,
-                                  pretrained_cfg_overlay=dict(file=args.src), **_model_args(args))
-        state = model.state_dict()
+        from .models import load_model
+        state = load_model(args.model, checkpoint=args.src, merged=False, **_json_object(args.model_args)).state_dict()
     else:
-        state = unwrap_state_dict(read_checkpoint(args.src), prefer_ema=args.ema)
+        state = unwrap_state_dict(read_checkpoint(args.src), prefer_ema=not args.no_ema)
     if args.dtype:
-        from fnmatch import fnmatchcase
         dtype = getattr(torch, args.dtype)
         keep = args.keep if args.keep is not None else ['*tokenizer.*', '*pos_embed']
         state = {k: v.to(dtype) if v.is_floating_point() and not any(fnmatchcase(k, p) for p in keep) else v
@@ -216,73 +276,308 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import timm
-    import ldae_models  # noqa: F401
-    from .pretrained import export_timm
-    kw = {}
-    if args.checkpoint:
-        kw['pretrained_cfg_overlay'] = dict(file=args.checkpoint)
-    pretrained = bool(args.checkpoint) or _has_weights_name(args.name)
-    if not pretrained and not args.allow_random:
-        raise SystemExit(f'{args.name} names no weights: give a tag (NAME.TAG), local-dir:/hf-hub:, --checkpoint FILE, '
+    from .hub.publish import export_timm
+    from .models import names_weights
+    if not (args.checkpoint or names_weights(args.name) or args.allow_random):
+        raise ValueError(f'{args.name} names no weights: give a tag (NAME.TAG), local-dir:/hf-hub:, --checkpoint FILE, '
                          f'or --allow-random to export random weights')
-    merged = timm.create_model(args.name, pretrained=pretrained, merged=True, t=args.t, **kw, **_model_args(args))
+    args.model, args.pretrained = args.name, None
+    merged = _model(args, merged=True, **({} if args.t is None else {'t': args.t}))
     out = export_timm(merged, args.dst, source=args.name)
-    print(f'wrote {out} (timm architecture {merged.pretrained_cfg.get("architecture", "vit")} merged at t={args.t}); '
-          f"load it with timm alone: timm.create_model('local-dir:{out}', pretrained=True)")
+    print(f'wrote {out} (timm ViT merged at t={merged.t:g}); load it with timm alone: '
+          f"timm.create_model('local-dir:{out}', pretrained=True)")
     return 0
 
 
+# -- train ----------------------------------------------------------------------------------------------------------------
+
+def _add_config_args(p: argparse.ArgumentParser, config_cls: type) -> None:
+    """One flag per field of a config dataclass, its help the field's reason."""
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        flag = '--' + f.name.replace('_', '-')
+        meta = dict(f.metadata)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kind = hints[f.name]
+        if typing.get_origin(kind) is typing.Union:  # Optional[X]
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        base = typing.get_origin(kind) or kind
+        helptext = meta.get('help', '') + (f' (default: {default})' if default not in (None, '', False) else '')
+        if f.name == 'data_root':
+            p.add_argument(flag, '--data-dir', dest=f.name, default=default, help=helptext)
+        elif base is bool:
+            p.add_argument(flag, action='store_true', help=meta.get('help', ''))
+        elif base is dict:
+            p.add_argument(flag, type=lambda s, n=flag: _json_object(s, n), default=None, help=helptext)
+        else:
+            p.add_argument(flag, type=base, default=default, choices=meta.get('choices'), help=helptext)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if values['model_args'] is None:
+        values['model_args'] = {}
+    result = train(TrainConfig(**values))
+    if result.get('weights'):
+        _stage(f'done: {result["step"]} steps; weights {result["weights"]}')
+    return 0
+
+
+# -- extract and probe ------------------------------------------------------------------------------------------------
+
+def _splits(args: argparse.Namespace, img_size: int, device: torch.device):
+    from .data import load_split
+    if not args.data_root:
+        raise ValueError('--data-root is required (the data set to probe on)')
+    _stage(f'decoding the {args.dataset} data at {args.data_root}')
+    train = load_split(args.dataset, args.data_root, 'train', img_size, download=args.download)
+    test = load_split(args.dataset, args.data_root, 'test', img_size)
+    seed = getattr(args, 'seed', 0)
+    return train.subset(getattr(args, 'max_train', 0), seed).to(device), test.subset(getattr(args, 'max_test', 0),
+                                                                                    seed + 1).to(device)
+
+
+def _img_size(model: torch.nn.Module) -> int:
+    return int(model.pretrained_cfg['input_size'][-1])
+
+
+def _feature_meta(args: argparse.Namespace, model: torch.nn.Module) -> Dict[str, Any]:
+    return dict(model=args.model, checkpoint=args.checkpoint, model_args=_json_object(args.model_args),
+                noisy_input=args.noisy_input, seed=args.seed, dataset=args.dataset, max_train=args.max_train,
+                max_test=args.max_test, t_default=getattr(model, 't', None))
+
+
+def _features_for(args: argparse.Namespace, model: torch.nn.Module, layers: Any, ts: Any, device: torch.device,
+                  cache: Optional[str] = None):
+    """Features of both splits at (layers, ts): from ``cache`` when it holds exactly these, else extracted (and
+    written to ``cache``)."""
+    from .features import dataset_features, load_feature_shards, save_feature_shards
+    meta = _feature_meta(args, model)
+    if cache and (Path(cache) / 'train' / 'index.json').is_file():
+        ftr, ytr, itr = load_feature_shards(Path(cache) / 'train')
+        fte, yte, _ = load_feature_shards(Path(cache) / 'test')
+        if {k: itr.get(k) for k in meta} != json.loads(json.dumps(meta)):
+            raise ValueError(f'{cache} holds features of another setting ({itr.get("model")}, '
+                             f'{itr.get("checkpoint")}): use another --features folder, or delete it')
+        keys = [(layer, t) for layer in layers for t in ts]
+        missing = [k for k in keys if k not in ftr]
+        if not missing:
+            _stage(f'features read from {cache}')
+            return {k: ftr[k] for k in keys}, ytr, {k: fte[k] for k in keys}, yte
+        _stage(f'{cache} lacks {missing[:3]}: extracting again')
+    train, test = _splits(args, _img_size(model), device)
+    kw = dict(layers=layers, ts=ts, noisy_input=args.noisy_input, batch_size=args.batch_size_features, device=device)
+    _stage(f'extracting features of {len(train):,} train and {len(test):,} test images on {device}')
+    t0 = time.time()
+    ftr = dataset_features(model, train, seed=args.seed, desc='train features', **kw)
+    fte = dataset_features(model, test, seed=args.seed + 1, desc='test features', **kw)
+    args._extract_s = time.time() - t0
+    if cache:
+        save_feature_shards(ftr, train.labels, Path(cache) / 'train', dict(meta, split='train'))
+        save_feature_shards(fte, test.labels, Path(cache) / 'test', dict(meta, split='test'))
+        _stage(f'features written to {cache}')
+    return ftr, train.labels.cpu(), fte, test.labels.cpu()
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from .features import dataset_features, save_feature_shards
+    device = _device(args.device)
+    model = _model(args, merged=False).to(device)
+    from .data import load_split
+    meta = _feature_meta(args, model)
+    for split in args.splits:
+        _stage(f'decoding the {split} split of {args.data_root}')
+        data = load_split(args.dataset, args.data_root, split, _img_size(model), download=args.download)
+        data = data.subset(args.max_train if split == 'train' else args.max_test, args.seed + (split != 'train'))
+        feats = dataset_features(model, data.to(device), layers=args.layers or [-1], ts=args.ts,
+                                 noisy_input=args.noisy_input, batch_size=args.batch_size_features, device=device,
+                                 seed=args.seed + (split != 'train'), desc=f'{split} features')
+        out = save_feature_shards(feats, data.labels.cpu(), Path(args.out) / split, dict(meta, split=split),
+                                  shard_size=args.shard_size)
+        print(f'wrote {out}: {len(data):,} images x {len(feats)} (layer, t) cells')
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from .probe import (fit_linear_probe, grid_to_json, knn_accuracy, mae_linear_probe, pixel_features, plot_grid,
+                        random_counterpart, write_json)
+    device = _device(args.device)
+    model = _model(args, merged=False, **({} if args.t is None else {'t': args.t})).to(device)
+    result: Dict[str, Any] = dict(model=args.model, checkpoint=args.checkpoint, mode=args.mode, dataset=args.dataset,
+                                  noisy_input=args.noisy_input, device=str(device))
+    if args.mode == 'mae':
+        train, test = _splits(args, _img_size(model), device)
+        _stage(f"MAE's linear probe: {args.epochs} epochs, batch {args.batch_size}")
+        r = mae_linear_probe(model, train, test, layer=(args.layers or [-1])[0], t=args.t, noisy_input=args.noisy_input,
+                             epochs=args.epochs, warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
+                             micro_batch=args.micro_batch, blr=args.blr, device=device, seed=args.seed, progress=True)
+        result.update(r, n_train=len(train), n_test=len(test))
+        print(f"{args.model} (mae): top-1 {r['top1']:.2f}%")
+    else:
+        layers = args.layers or ([-1] if args.mode == 'fast' else list(range(model.num_taps)))
+        ts = args.ts or [model.t]
+        ftr, ytr, fte, yte = _features_for(args, model, layers, ts, device, cache=args.features)
+        result.update(n_train=len(ytr), n_test=len(yte), extract_s=round(getattr(args, '_extract_s', 0.0), 1))
+        pk = dict(solver=args.solver, weight_decay=args.weight_decay, epochs=args.epochs, lr=args.lr, device=device,
+                  seed=args.seed)
+        rows = {}
+        _stage(f'probing {len(ftr)} (layer, t) cells ({args.solver})')
+        for key in ftr:
+            r = fit_linear_probe(ftr[key], ytr, fte[key], yte, **pk)
+            rows[key] = dict(top1=r['top1'], train_top1=r['train_top1'], fit_s=r['fit_s'])
+            if args.knn:
+                rows[key]['knn_top1'] = knn_accuracy(ftr[key], ytr, fte[key], yte, device=device)
+            if args.check_lbfgs and args.solver != 'lbfgs':
+                rows[key]['lbfgs_top1'] = fit_linear_probe(ftr[key], ytr, fte[key], yte, **{**pk, 'solver': 'lbfgs'})['top1']
+        result['grid'] = grid_to_json(rows)
+        best_key = max(rows, key=lambda k: rows[k]['top1'])
+        result.update(top1=rows[best_key]['top1'], best_layer=best_key[0], best_t=best_key[1])
+        for (layer, t), r in rows.items():
+            print(f'{args.model}: layer {layer} t {t:g}: linear top-1 {r["top1"]:.2f}%' +
+                  (f', kNN {r["knn_top1"]:.2f}%' if 'knn_top1' in r else '') +
+                  (f' (L-BFGS {r["lbfgs_top1"]:.2f}%)' if 'lbfgs_top1' in r else ''))
+        if args.floors:
+            result['floors'] = _floors(args, model, device, pk, layers[-1])
+        if args.mode == 'grid' and args.plot:
+            plot_grid({k: v['top1'] for k, v in rows.items()}, args.plot, title=f'{args.model}: linear probe top-1 (%)')
+            print(f'wrote {args.plot}')
+    if args.out:
+        write_json(args.out, result)
+        print(f'wrote {args.out}')
+    return 0
+
+
+def _floors(args: argparse.Namespace, model: torch.nn.Module, device: torch.device, pk: Dict[str, Any],
+            layer: int) -> Dict[str, Any]:
+    """The floors of the same run: a random network of the same shape (same layer), and the raw pixels."""
+    from .features import dataset_features
+    from .probe import fit_linear_probe, knn_accuracy, pixel_features, random_counterpart
+    train, test = _splits(args, _img_size(model), device)
+    floors = {}
+    rand = random_counterpart(model, seed=args.seed).to(device)
+    _stage('floor: a random network of the same shape')
+    kw = dict(layers=[layer], batch_size=args.batch_size_features, device=device)
+    ftr = next(iter(dataset_features(rand, train, desc='train features', **kw).values()))
+    fte = next(iter(dataset_features(rand, test, desc='test features', **kw).values()))
+    floors['random_same_shape'] = dict(model=type(rand).__name__, top1=fit_linear_probe(ftr, train.labels, fte,
+                                                                                        test.labels, **pk)['top1'])
+    _stage('floor: raw pixels')
+    ptr, pte = pixel_features(train), pixel_features(test)
+    floors['raw_pixels'] = dict(dim=ptr.shape[1], top1=fit_linear_probe(ptr, train.labels, pte, test.labels, **pk)['top1'])
+    if args.knn:
+        floors['random_same_shape']['knn_top1'] = knn_accuracy(ftr, train.labels, fte, test.labels, device=device)
+        floors['raw_pixels']['knn_top1'] = knn_accuracy(ptr, train.labels, pte, test.labels, device=device)
+    for name, r in floors.items():
+        print(f'floor {name}: linear top-1 {r["top1"]:.2f}%' + (f', kNN {r["knn_top1"]:.2f}%' if 'knn_top1' in r else ''))
+    return floors
+
+
+# -- the parser ---------------------------------------------------------------------------------------------------------
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='ldae-models', description='Denoising-based self-supervised encoders for timm.')
+    ap.add_argument('--debug', action='store_true', help='show the traceback of an error')
     sub = ap.add_subparsers(dest='command', required=True)
-    sub.add_parser('train', help='train a model (see ldae-models train --help)', add_help=False)
-    sub.add_parser('probe', help='linear-probe an encoder (see ldae-models probe --help)', add_help=False)
-    f = sub.add_parser('features', help='extract pooled features of images',
-                       description='Extract pooled encoder features of images (default: sample photos '
-                                   'shipped with matplotlib) and print or save them.')
-    f.add_argument('--model', default=DEFAULT_MODEL, help='timm model name or NAME.TAG (default: %(default)s, '
-                   'shipped inside the package)')
-    f.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=None,
-                   help='load the weights of the name or tag (default: when the name carries a tag)')
-    f.add_argument('--images', nargs='+', help='image files (default: matplotlib sample images)')
-    f.add_argument('--t', type=int, default=10, help='fixed timestep of the encoder (default: %(default)s)')
-    f.add_argument('--layers', type=int, nargs='+', help='0-based block indices (default: the last)')
-    f.add_argument('--ts', type=int, nargs='+', help='timesteps to tap (default: --t)')
-    f.add_argument('--noise', action='store_true', help="add the model's training noise at each t")
-    f.add_argument('--seed', type=int, default=0, help='seed of the noise')
-    f.add_argument('--out', help='save the features to this .safetensors file')
-    f.set_defaults(func=cmd_features)
 
-    p = sub.add_parser('denoise', help='denoising figure of a trained l-DAE', description='Write the paper\'s '
-                       'Fig. 8 for a trained DAE: clean / latent-noised / denoised, one row per image.')
-    p.add_argument('--checkpoint', help='full-DAE weights (OUT/model.safetensors of ldae-models train); default: '
-                   'those of the --model tag')
+    p = sub.add_parser('features', help='extract pooled features of images',
+                       description='Extract pooled encoder features of images (default: sample photos shipped with '
+                                   'matplotlib) at chosen layers and timesteps, print and save them.')
+    _add_model_args(p)
+    p.add_argument('--images', nargs='+', help='image files (default: matplotlib sample images)')
+    p.add_argument('--t', type=float, help="the encoder's fixed t (default: the one it was trained for)")
+    p.add_argument('--layers', type=int, nargs='+', help='0-based block indices (default: the last)')
+    p.add_argument('--ts', type=float, nargs='+', help='timesteps to tap (default: the fixed t)')
+    p.add_argument('--noisy-input', action='store_true', help="add the model's training noise at each t first")
+    p.add_argument('--seed', type=int, default=0, help='seed of the noise')
+    p.add_argument('--out', help='save the features to this .safetensors file')
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser('denoise', help='denoising figure of a trained l-DAE', description="Write the paper's Fig. 8 "
+                       'for a trained DAE: clean / latent-noised / denoised, one row per image, with MSEs.')
     p.add_argument('--model', default=DEFAULT_MODEL, help='l-DAE size or NAME.TAG (default: %(default)s)')
+    p.add_argument('--checkpoint', help='full-DAE weights (OUT/model.safetensors of ldae-models train)')
     p.add_argument('--model-args', help='JSON object of model keyword arguments')
     p.add_argument('--images', nargs='+', help='image files (default: matplotlib sample images)')
-    p.add_argument('--t', type=int, default=500, help='noise level as a timestep (default: %(default)s)')
+    p.add_argument('--t', type=float, default=500, help='noise level as a timestep (default: %(default)s)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', default='denoising.png', help='output PNG (default: %(default)s)')
     p.set_defaults(func=cmd_denoise)
 
     p = sub.add_parser('demo', help='the shipped model at work: features and a denoising figure',
-                       description='Load the l-DAE shipped inside the package (offline), extract pooled features '
-                                   'of sample photos (matplotlib\'s, or --images) at blocks 5 and 11 and t = 0, 10, '
-                                   '80, save them, and write the denoising figure (clean / noised / denoised).')
+                       description='Load the l-DAE shipped inside the package (offline), extract pooled features of '
+                                   "sample photos (matplotlib's, or --images) at blocks 5 and 11 and t = 0, 10, 80, "
+                                   'save them, and write the denoising figure (clean / noised / denoised).')
     p.add_argument('--model', default=DEFAULT_MODEL, help='l-DAE NAME.TAG with full-DAE weights (default: %(default)s)')
     p.add_argument('--images', nargs='+', help='image files (default: matplotlib sample images)')
-    p.add_argument('--t', type=int, default=500, help='noise level of the figure (default: %(default)s)')
+    p.add_argument('--t', type=float, default=500, help='noise level of the figure (default: %(default)s)')
     p.add_argument('--out-dir', default='.', help='where features.safetensors and denoising.png go (default: .)')
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser('list', help='list models and pretrained tags', description='List registered models and '
-                       'their pretrained tags, marking the tags whose weights are on this machine.')
-    p.add_argument('pattern', nargs='?', default='ldae*', help='timm wildcard (default: %(default)s)')
+    from .train import TrainConfig
+    p = sub.add_parser('train', help='train an l-DAE (or a DDAE UNet)', description='Train with a TrainConfig (each '
+                       'flag is a field; torchrun runs it on many GPUs). See ldae_models/train.py.')
+    _add_config_args(p, TrainConfig)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser('extract', help="write a data set's features to safetensors shards",
+                       description='Extract pooled features of every image of a data set at chosen (layers, t) and '
+                                   'write them as safetensors shards with an index (probe --features reads them).')
+    _add_model_args(p, default=None)
+    _add_data_args(p)
+    p.add_argument('--splits', nargs='+', default=['train', 'test'], choices=['train', 'test'])
+    p.add_argument('--layers', type=int, nargs='+', help='0-based layers (default: the last)')
+    p.add_argument('--ts', type=float, nargs='+', help='timesteps (default: the model\'s t)')
+    p.add_argument('--noisy-input', action='store_true', help="noise the input at each t (default: the model's)")
+    p.add_argument('--max-train', type=int, default=0, help='a seeded subset of the train split (0: all)')
+    p.add_argument('--max-test', type=int, default=0)
+    p.add_argument('--batch-size-features', type=int, default=512, help='images per forward pass')
+    p.add_argument('--shard-size', type=int, default=50_000, help='rows per shard file')
+    p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    p.add_argument('--seed', type=int, default=0, help='seed of the subsets and the noise')
+    p.add_argument('--out', required=True, help='output folder (OUT/train, OUT/test)')
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser('probe', help='linear-probe an encoder', description='Linear probe (and kNN) of an encoder on '
+                       'a data set. fast (default): features once, the convex problem solved by L-BFGS; grid: every '
+                       "(layer, t); mae: MAE's protocol (augmented, LARS, 90 epochs). --floors adds a random network of "
+                       'the same shape and the raw pixels, measured in the same run.')
+    _add_model_args(p, default=None)
+    _add_data_args(p, required=False)
+    p.add_argument('--mode', choices=('fast', 'grid', 'mae'), default='fast')
+    p.add_argument('--features', help='feature folder (ldae-models extract): read when it holds these features, '
+                                      'written otherwise')
+    p.add_argument('--t', type=float, help="the encoder's t (default: the one it was trained for)")
+    p.add_argument('--layers', type=int, nargs='+', help='layers (default: fast/mae the last, grid all)')
+    p.add_argument('--ts', type=float, nargs='+', help='timesteps (default: the model\'s t)')
+    p.add_argument('--noisy-input', action='store_true', help="noise the input at t (the paper's \"noisy input\")")
+    p.add_argument('--solver', choices=('lbfgs', 'adam'), default='lbfgs', help='fast/grid (default: %(default)s)')
+    p.add_argument('--weight-decay', type=float, default=1e-4, help='L2 penalty of the probe (default: %(default)s)')
+    p.add_argument('--check-lbfgs', action='store_true', help='with --solver adam: also solve by L-BFGS and print both')
+    p.add_argument('--knn', action=argparse.BooleanOptionalAction, default=True, help='kNN (k=20, cosine) too')
+    p.add_argument('--floors', action='store_true', help='also probe a random network of the same shape and raw pixels')
+    p.add_argument('--epochs', type=int, default=90, help='adam: epochs; mae: epochs (MAE: 90) (default: %(default)s)')
+    p.add_argument('--lr', type=float, default=1e-3, help='adam: lr (default: %(default)s)')
+    p.add_argument('--warmup-epochs', type=int, default=10, help='mae: warmup epochs (MAE: 10)')
+    p.add_argument('--batch-size', type=int, default=16384, help='mae: batch (MAE: 16384), accumulated')
+    p.add_argument('--micro-batch', type=int, default=1024, help='mae: images per forward pass')
+    p.add_argument('--blr', type=float, default=0.1, help='mae: base lr, lr = blr * batch / 256 (MAE: 0.1)')
+    p.add_argument('--batch-size-features', type=int, default=512, help='images per forward pass of extraction')
+    p.add_argument('--max-train', type=int, default=0, help='a seeded subset of the train split (0: all)')
+    p.add_argument('--max-test', type=int, default=0)
+    p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--out', help='write the result as JSON here')
+    p.add_argument('--plot', help='grid: write the heat map here (PNG)')
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser('list', help='list models and pretrained tags', description='List the zoo\'s models and their '
+                       'pretrained tags, marking the tags whose weights are on this machine.')
+    p.add_argument('pattern', nargs='?', default='*', help='wildcard (default: all)')
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser('info', help='describe a model', description='Print a model\'s configuration, sizes and '
-                       'weight source.')
+    p = sub.add_parser('info', help='describe a model', description="Print a model's configuration, sizes and weight "
+                       'source.')
     p.add_argument('name', help='model name, alias or NAME.TAG')
     p.set_defaults(func=cmd_info)
 
@@ -292,13 +587,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('dst', help='output .safetensors file')
     p.add_argument('--model', help="convert through this model's filter and check that every key fits it")
     p.add_argument('--model-args', help='JSON object of model keyword arguments, e.g. \'{"depth": 6}\'')
-    p.add_argument('--ema', action='store_true', help='prefer the EMA weights of a training checkpoint')
-    p.add_argument('--dae', action='store_true', help='the file holds the whole l-DAE (decoder and PCA tokenizer '
-                   'too): keep it all, checked by a strict load into create_dae(--model)')
+    p.add_argument('--no-ema', action='store_true', help="take a training checkpoint's model weights, not its EMA")
+    p.add_argument('--dae', action='store_true', help='the file holds the whole l-DAE (decoder and PCA tokenizer too): '
+                   'keep it all, checked by a strict load into create_dae(--model)')
     p.add_argument('--dtype', choices=['float32', 'float16', 'bfloat16'],
-                   help='store floating-point tensors in this type (loading casts back to the model\'s)')
-    p.add_argument('--keep', nargs='*', metavar='GLOB', help='keys that keep their dtype under --dtype '
-                   '(default: *tokenizer.* *pos_embed, the PCA statistics and the fixed sin-cos positions)')
+                   help="store floating-point tensors in this type (loading casts back to the model's)")
+    p.add_argument('--keep', nargs='*', metavar='GLOB', help='keys that keep their dtype under --dtype (default: '
+                   '*tokenizer.* *pos_embed, the PCA statistics and the fixed sin-cos positions)')
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser('export', help='export a merged encoder as a plain timm checkpoint',
@@ -306,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    'config.json, README.md) that timm loads without ldae_models.')
     p.add_argument('name', help='NAME.TAG, local-dir:PATH or hf-hub:ORG/NAME')
     p.add_argument('dst', help='output folder')
-    p.add_argument('--t', type=int, default=10, help='timestep folded into the weights (default: %(default)s)')
+    p.add_argument('--t', type=float, help='timestep folded into the weights (default: the encoder\'s own)')
     p.add_argument('--checkpoint', help='weights file to load into NAME first')
     p.add_argument('--model-args', help='JSON object of model keyword arguments, e.g. \'{"depth": 6}\'')
     p.add_argument('--allow-random', action='store_true', help='export even when no weights are named')
@@ -316,14 +611,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ('train', 'probe'):  # their own parsers (also python -m ldae_models.train)
-        if argv[0] == 'train':
-            from .train import main as train_main
-            return train_main(argv[1:])
-        from .probe import probe_main
-        return probe_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    debug = '--debug' in argv  # accepted anywhere on the line
+    args = build_parser().parse_args([a for a in argv if a != '--debug'])
+    debug = debug or os.environ.get('LDAE_MODELS_DEBUG', '') not in ('', '0')
+    try:
+        return args.func(args)
+    except _USER_ERRORS as e:
+        if debug or (isinstance(e, ImportError) and 'pip install' not in str(e)):
+            raise
+        print(f'ldae-models {args.command}: error: {e}\n(--debug shows the traceback)', file=sys.stderr)
+        return 2
 
 
 if __name__ == '__main__':

@@ -1,107 +1,129 @@
-"""Feature taps: pooled features at any blocks and timesteps, all blocks of one t in one forward pass."""
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+"""Feature taps: pooled features at any layers and timesteps, for a batch or for a whole data set.
+
+``extract_features(model, images, layers, ts)`` asks the encoder contract (``models.extractor``) of any zoo model or
+timm model. ``dataset_features`` runs it over a decoded data set in batches on a device, one forward pass per t per
+batch, with a progress bar; ``save_feature_shards`` / ``load_feature_shards`` keep the result as safetensors shards
+(what ``ldae-models extract`` writes and ``ldae-models probe --features`` reads).
+"""
+import json
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.models import VisionTransformer
 
-from .models.ddae_unet import DDAEUNet
+from .data import ImageData, normalize
+from .models.extractor import FeatureDict, LayerSpec, TimestepSpec, as_extractor
 
-__all__ = ['extract_features', 'ddae_grid_features']
-
-FeatureDict = Dict[Tuple[int, float], torch.Tensor]
-
-
-def _as_list(x: Union[int, float, Iterable, None]) -> list:
-    if x is None:
-        return [None]
-    if isinstance(x, (int, float)):
-        return [x]
-    return list(x)
+__all__ = ['extract_features', 'ddae_grid_features', 'dataset_features', 'feature_key', 'save_feature_shards',
+           'load_feature_shards']
 
 
-@torch.no_grad()
 def extract_features(
         model: nn.Module,
         images: torch.Tensor,
-        layers: Union[int, Sequence[int]],
-        ts: Union[int, float, Sequence[Union[int, float]], None] = None,
-        noise: bool = False,
+        layers: LayerSpec = None,
+        ts: TimestepSpec = None,
+        noisy_input: Optional[bool] = None,
         generator: Optional[torch.Generator] = None,
+        pool: bool = True,
 ) -> FeatureDict:
-    """Token-mean features of blocks ``layers`` at timesteps ``ts``: ``{(layer, t): (B, C)}``.
+    """``{(layer, t): (B, C)}``: features of ``layers`` at timesteps ``ts`` (see ``FeatureExtractor.extract_features``).
 
-    One forward pass per t gives every requested block (it stops after the deepest one).
-
-    Args:
-        model: A conditional encoder (``merged=False``), a full ``LatentDAE`` (its blocks are numbered
-            encoder first, then decoder), a merged ViT (which only has the t it was merged at), or a DDAE UNet
-            (its decoder blocks; index k - 1 is DDAE's out_k).
-        images: (B, C, H, W), normalised as the model's pretrained cfg says ([-1, 1] for l-DAE).
-        layers: 0-based block indices (negative counts from the last block); the keys use them as given.
-        ts: Timestep indices in [0, T); None means the model's fixed t.
-        noise: Add the model's training noise at level t to the input first (for l-DAE: in the PCA
-            latent, so the input is the inverse-PCA projection of the noisy latent). Without it the
-            clean image goes in, the paper's default transfer setting.
-        generator: Seeds the noise (one draw per t, in the order of ``ts``).
-
-    Returns:
-        Dict mapping (layer, t) to a (B, C) float tensor; ``t`` is the resolved timestep.
+    ``model`` is any zoo model (conditional or merged encoder, full DAE, DiT encoder with or without VAE, DDAE UNet) or
+    any timm model with ``forward_intermediates`` (no t: pass ``ts=None``).
     """
-    layers_list: List[int] = _as_list(layers)
-    ts_list = _as_list(ts)
-    if not layers_list:
-        raise ValueError('layers is empty')
-    if isinstance(model, VisionTransformer):
-        merged_t = getattr(model, 'merged_t', None)
-        bad = [t for t in ts_list if t is not None and t != merged_t]
-        if bad or noise:
-            raise ValueError(f'a merged ViT only computes features at the t it was merged at ({merged_t}) and '
-                             f'cannot add noise; use the conditional encoder (merged=False) for other ts or noise')
-        ts_list = [merged_t]
-        num_blocks = len(model.blocks)
-    else:
-        if not hasattr(model, 'forward_intermediates') or not hasattr(model, 'add_noise'):
-            raise TypeError(f'extract_features needs an ldae_models encoder, DAE or merged ViT, got {type(model).__name__}')
-        num_blocks = len(model.blocks)
-    norm_layers = []
-    for layer in layers_list:
-        if not -num_blocks <= layer < num_blocks:
-            raise ValueError(f'layer {layer} is out of range for a model with {num_blocks} blocks')
-        norm_layers.append(layer % num_blocks)
-    take = sorted(set(norm_layers))
+    return as_extractor(model).extract_features(images, layers=layers, ts=ts, noisy_input=noisy_input,
+                                                generator=generator, pool=pool)
 
-    out: FeatureDict = {}
-    for t in ts_list:
-        if isinstance(model, VisionTransformer):
-            feats = model.forward_intermediates(images, indices=take, intermediates_only=True, stop_early=True)
-            t_key = t
-        elif isinstance(model, DDAEUNet):  # noises inside, so that the noise matches its schedule
-            t_key = model.t if t is None else t
-            feats = model.forward_intermediates(images, t=t_key, indices=take, intermediates_only=True,
-                                                stop_early=True, noise=noise, generator=generator)
-        else:
-            enc = getattr(model, 'encoder', model)
-            t_key = enc.timesteps(t, images.shape[0], images.device)[0].item() if t is None else t
-            x = model.add_noise(images, t_key, generator=generator)[0] if noise else images
-            feats = model.forward_intermediates(x, t=t_key, indices=take, intermediates_only=True, stop_early=True)
-        by_index = {i: f.mean(dim=(-2, -1)) for i, f in zip(take, feats)}  # (B, C, h, w) -> (B, C)
-        for layer, idx in zip(layers_list, norm_layers):
-            out[(layer, t_key)] = by_index[idx]
+
+def ddae_grid_features(model: nn.Module, images: torch.Tensor, out_ks: Sequence[int], ts: Sequence[float],
+                       noisy_input: Optional[bool] = None, generator: Optional[torch.Generator] = None) -> FeatureDict:
+    """DDAE's grid with DDAE's names: ``{(out_k, t): (B, C)}`` for 1-based decoder blocks ``out_k``."""
+    feats = extract_features(model, images, layers=[k - 1 for k in out_ks], ts=ts, noisy_input=noisy_input,
+                             generator=generator)
+    return {(layer + 1, t): f for (layer, t), f in feats.items()}
+
+
+def feature_key(layer: int, t: Optional[float]) -> str:
+    """The name of a (layer, t) cell in files: ``layer11_t10`` (``t`` printed with %g; ``tnone`` without a t)."""
+    return f'layer{layer}_t{"none" if t is None else format(t, "g")}'
+
+
+@torch.no_grad()
+def dataset_features(
+        model: nn.Module,
+        data: ImageData,
+        layers: LayerSpec = None,
+        ts: TimestepSpec = None,
+        noisy_input: Optional[bool] = None,
+        batch_size: int = 256,
+        device: Union[str, torch.device] = 'cpu',
+        seed: int = 0,
+        progress: bool = True,
+        desc: str = 'features',
+) -> FeatureDict:
+    """Pooled features of every image of ``data`` at (layers, ts): ``{(layer, t): (N, C)}`` float32 on the host.
+
+    Images are normalised with the model's pretrained cfg (mean, std), batches run on ``device`` (under bf16 autocast
+    on a GPU), the noise of ``noisy_input`` is seeded by ``seed``. ``data`` may already live on ``device``.
+    """
+    extractor = as_extractor(model)
+    cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
+    mean, std = cfg.get('mean', (0.5,) * 3), cfg.get('std', (0.5,) * 3)
+    device = torch.device(device)
+    gen = torch.Generator(device).manual_seed(seed)
+    parts: Dict[Any, List[torch.Tensor]] = {}
+    from tqdm.auto import tqdm
+    amp = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
+    with tqdm(total=len(data), desc=desc, unit='img', disable=None if progress else True, leave=False) as bar:
+        for images, _ in data.batches(batch_size):
+            x = normalize(images.to(device, non_blocking=True), mean, std)
+            with amp:
+                feats = extractor.extract_features(x, layers=layers, ts=ts, noisy_input=noisy_input, generator=gen)
+            for k, v in feats.items():
+                parts.setdefault(k, []).append(v.float().cpu())
+            bar.update(len(images))
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def save_feature_shards(features: FeatureDict, labels: torch.Tensor, out_dir: Union[str, Path],
+                        meta: Dict[str, Any], shard_size: int = 50_000) -> Path:
+    """Write features ``{(layer, t): (N, C)}`` and labels as safetensors shards of ``shard_size`` rows plus
+    ``index.json`` (the meta data, the keys and the shard files)."""
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(labels)
+    names = {k: feature_key(*k) for k in features}
+    files = []
+    count = max(1, -(-n // shard_size))
+    for s in range(count):
+        lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
+        name = f'features-{s:05d}-of-{count:05d}.safetensors'
+        tensors = {names[k]: v[lo:hi].contiguous() for k, v in features.items()}
+        tensors['labels'] = labels[lo:hi].cpu().contiguous()
+        save_file(tensors, str(out / name), metadata={'format': 'pt'})
+        files.append(name)
+    index = dict(meta, num_samples=n, keys=[dict(layer=k[0], t=k[1], name=names[k], dim=v.shape[1])
+                                            for k, v in features.items()], shards=files)
+    (out / 'index.json').write_text(json.dumps(index, indent=2) + '\n')
     return out
 
 
-def ddae_grid_features(
-        model: nn.Module,
-        images: torch.Tensor,
-        out_ks: Sequence[int],
-        ts: Sequence[Union[int, float]],
-        noise: bool = True,
-        generator: Optional[torch.Generator] = None,
-) -> FeatureDict:
-    """DDAE's grid with DDAE's names: ``{(out_k, t): (B, C)}`` for 1-based decoder blocks ``out_k``.
+def load_feature_shards(path: Union[str, Path]) -> Tuple[FeatureDict, torch.Tensor, Dict[str, Any]]:
+    """Read what ``save_feature_shards`` wrote: (features, labels, index)."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    index_path = path / 'index.json'
+    if not index_path.is_file():
+        raise FileNotFoundError(f'{path} is not a feature folder (no index.json): make one with ldae-models extract')
+    index = json.loads(index_path.read_text())
+    parts = [load_file(str(path / name)) for name in index['shards']]
+    feats = {(k['layer'], k['t']): torch.cat([p[k['name']] for p in parts]) for k in index['keys']}
+    labels = torch.cat([p['labels'] for p in parts])
+    return feats, labels, index
 
-    One forward pass per t; the input is noised at each t (DDAE's protocol) unless ``noise=False``.
-    """
-    feats = extract_features(model, images, layers=[k - 1 for k in out_ks], ts=ts, noise=noise, generator=generator)
-    return {(layer + 1, t): f for (layer, t), f in feats.items()}
+
+def iter_keys(features: Iterable[Tuple[int, Optional[float]]]) -> List[Tuple[int, Optional[float]]]:
+    return sorted(features, key=lambda k: (k[0], -1 if k[1] is None else k[1]))

@@ -1,22 +1,40 @@
-"""Linear probes on frozen features, and DDAE's grid probe over (layer, t) with a heat map.
+"""Probes of frozen features: the linear probe (fast: features once; MAE's protocol), kNN, the (layer, t) grid, floors.
 
-The head is MAE's: ``BatchNorm1d(affine=False, eps=1e-6)`` then ``Linear`` (weights N(0, 0.01), bias 0). The
-fast mode used here trains it on features extracted once (no augmentation), with DDAE's optimiser by
-default (Adam, lr 1e-3, cosine decay, no weight decay, batch 128).
+The fast linear probe solves one convex problem: multinomial logistic regression on the features (MAE's head,
+``BatchNorm1d(affine=False)`` + ``Linear``, is such a model), with an optional L2 penalty (default none, as MAE's
+probe). Encoder features are badly conditioned (the covariance of the shipped tiny model's features has a condition
+number of 7e6), so the problem is solved in the basis that whitens the training features, where it is the same
+problem without a penalty but a well-conditioned one:
+
+- ``solver='lbfgs'`` (default): full-batch L-BFGS with a strong-Wolfe line search: tens of iterations;
+- ``solver='adam'``: mini-batch Adam with a cosine schedule (the DDAE probe's optimiser), a few epochs.
+
+``check_against_lbfgs`` compares it with full-batch L-BFGS on the standardised features (the textbook reference):
+both should reach the same objective, and the reference needs thousands of iterations to get there.
+
+``knn_accuracy`` is the second readout (k = 20, cosine similarity of features centred by the training mean, votes
+weighted by exp(sim / 0.07), as in DINO). ``mae_linear_probe`` is MAE's protocol (frozen encoder, augmented batches
+every epoch, LARS, batch 16384 by accumulation, warmup + cosine). ``floors`` gives the two baselines every table
+reports beside a model: a randomly initialised network of the same shape, and the raw pixels.
 """
 import json
 import math
+import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .features import extract_features
+from .data import ImageData, augment, normalize
+from .features import dataset_features, feature_key
+from .models.extractor import FeatureDict, as_extractor
 
-__all__ = ['LinearProbeHead', 'fit_linear_probe', 'grid_features', 'grid_probe', 'plot_grid']
+__all__ = ['LinearProbeHead', 'fit_linear_probe', 'knn_accuracy', 'grid_probe', 'mae_linear_probe', 'plot_grid',
+           'random_counterpart', 'pixel_features', 'check_against_lbfgs', 'SOLVERS']
 
-GridKey = Tuple[int, float]
+SOLVERS = ('lbfgs', 'adam')
+GridKey = Tuple[int, Optional[float]]
 
 
 class LinearProbeHead(nn.Module):
@@ -33,12 +51,58 @@ class LinearProbeHead(nn.Module):
         return self.fc(self.bn(x))
 
 
-@torch.no_grad()
-def _accuracy(head: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
-    head.eval()
-    correct = sum((head(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
-                  for i in range(0, len(x), batch_size))
-    return correct / max(1, len(x))
+def whitening(train_x: torch.Tensor, rel_eps: float = 1e-12) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mean (C,), P (C, k)) in float64 with ``(x - mean) @ P`` white on the training set, over the k eigen-directions
+    of the covariance whose eigenvalue is above ``rel_eps`` of the largest (float64 eigendecomposition)."""
+    x = train_x.double()
+    mean = x.mean(0)
+    cov = torch.cov((x - mean).T).reshape(x.shape[1], x.shape[1])
+    evals, evecs = torch.linalg.eigh(cov)
+    keep = evals > rel_eps * evals.max().clamp_min(1e-300)
+    return mean, evecs[:, keep] / evals[keep].sqrt()
+
+
+def _accuracy(logits_fn: Any, x: torch.Tensor, y: torch.Tensor, batch: int = 8192) -> float:
+    correct = sum((logits_fn(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item() for i in range(0, len(x), batch))
+    return 100.0 * correct / max(1, len(x))
+
+
+def _solve(z: torch.Tensor, y: torch.Tensor, num_classes: int, solver: str, weight_decay: float, epochs: int,
+           lr: float, batch_size: int, max_iter: int, tol: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Minimise mean CE(z W^T + b) + weight_decay / 2 ||W||^2; returns (W, b, iterations)."""
+    g = torch.Generator(device='cpu').manual_seed(seed)
+    W = torch.zeros(num_classes, z.shape[1], device=z.device, dtype=z.dtype, requires_grad=True)
+    b = torch.zeros(num_classes, device=z.device, dtype=z.dtype, requires_grad=True)
+
+    def objective(zb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(zb @ W.T + b, yb) + 0.5 * weight_decay * W.square().sum()
+
+    if solver == 'lbfgs':
+        opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, max_eval=2 * max_iter, history_size=20,
+                                tolerance_grad=tol, tolerance_change=1e-12, line_search_fn='strong_wolfe')
+        calls = [0]
+
+        def closure() -> torch.Tensor:
+            calls[0] += 1
+            opt.zero_grad()
+            loss = objective(z, y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+        return W.detach(), b.detach(), calls[0]
+    opt = torch.optim.Adam([W, b], lr=lr)
+    steps = epochs * math.ceil(len(z) / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    for _ in range(epochs):
+        perm = torch.randperm(len(z), generator=g).to(z.device)
+        for i in range(0, len(z), batch_size):
+            idx = perm[i:i + batch_size]
+            loss = objective(z[idx], y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return W.detach(), b.detach(), steps
 
 
 def fit_linear_probe(
@@ -47,95 +111,259 @@ def fit_linear_probe(
         test_x: torch.Tensor,
         test_y: torch.Tensor,
         num_classes: Optional[int] = None,
-        epochs: int = 15,
-        lr: float = 1e-3,
-        batch_size: int = 128,
+        solver: str = 'lbfgs',
         weight_decay: float = 0.0,
+        whiten: bool = True,
+        epochs: int = 30,
+        lr: float = 1e-2,
+        batch_size: int = 1024,
+        max_iter: int = 1000,
+        tol: float = 1e-6,
+        device: Union[str, torch.device] = 'cpu',
         seed: int = 0,
 ) -> Dict[str, Any]:
-    """Train a linear head on fixed features; returns top-1 (in %) on train and test, and the head.
+    """Fit the linear probe on fixed features (N, C); returns top-1 (%) on train and test, the objective value reached
+    (mean cross-entropy on the training set, plus the penalty), the iterations, the fit time, and the head as MAE's
+    ``LinearProbeHead`` (its BatchNorm holds the standardisation).
 
-    Adam with a half-cycle cosine decay per step (DDAE's probe); the order of the batches is seeded.
+    With ``whiten`` (the default) the problem is solved in the basis that makes the training features white, which
+    changes nothing about its optimum when ``weight_decay = 0`` (logistic regression is invariant to an invertible
+    linear map of its features) but turns a problem whose covariance has a condition number of 1e6 or more (seen on
+    encoder features) into one that L-BFGS solves in tens of iterations and Adam in a few epochs.
+
+    Args:
+        solver: ``'lbfgs'`` (full batch) or ``'adam'`` (mini-batch: ``epochs`` x ``batch_size``, ``lr`` with a
+            half-cycle cosine decay).
+        weight_decay: The L2 penalty of the problem (in the whitened basis when ``whiten``).
     """
     if train_x.dim() != 2 or len(train_x) != len(train_y):
         raise ValueError(f'train_x must be (N, C) with one label each, got {tuple(train_x.shape)} and {len(train_y)} labels')
+    if solver not in SOLVERS:
+        raise ValueError(f'solver must be one of {SOLVERS}, got {solver!r}')
+    device = torch.device(device)
+    t0 = time.time()
     num_classes = num_classes or int(max(train_y.max(), test_y.max()).item()) + 1
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    head = LinearProbeHead(train_x.shape[1], num_classes)
-    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = epochs * math.ceil(len(train_x) / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    for _ in range(epochs):
-        head.train()
-        perm = torch.randperm(len(train_x), generator=g)
-        for i in range(0, len(train_x), batch_size):
-            idx = perm[i:i + batch_size]
-            if len(idx) < 2:
-                continue  # BatchNorm needs two samples
-            loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return dict(train_top1=100 * _accuracy(head, train_x, train_y), top1=100 * _accuracy(head, test_x, test_y),
-                head=head)
+    xtr, ytr = train_x.to(device, torch.float32), train_y.to(device)
+    std = xtr.std(0, unbiased=False) + 1e-6
+    if whiten:
+        mean, P = whitening(xtr)
+    else:
+        mean, P = xtr.double().mean(0), torch.diag(1.0 / std.double())
+    mean, P = mean.to(device), P.to(device)
+    z = ((xtr.double() - mean) @ P).float()  # the map in float64: P may scale a direction by 1e5 or more
+    W, b, iters = _solve(z, ytr, num_classes, solver, weight_decay, epochs, lr, batch_size, max_iter, tol, seed)
+    W_x = (W.double() @ P.T).float()  # the classifier on centred features: logits = (x - mean) @ W_x^T + b
+    mean = mean.float()
+    with torch.no_grad():
+        objective = (F.cross_entropy(z @ W.T + b, ytr) + 0.5 * weight_decay * W.square().sum()).item()
+        logits = lambda x: (x.to(device, torch.float32) - mean) @ W_x.T + b  # noqa: E731
+        result = dict(top1=_accuracy(logits, test_x, test_y.to(device)), train_top1=_accuracy(logits, xtr, ytr),
+                      objective=objective, solver=solver, whiten=whiten, weight_decay=weight_decay, iterations=iters,
+                      fit_s=round(time.time() - t0, 2))
+    head = LinearProbeHead(xtr.shape[1], num_classes)
+    head.bn.running_mean.copy_(mean.cpu())
+    head.bn.running_var.copy_((std.square() - head.bn.eps).cpu())
+    head.fc.weight.data.copy_((W_x * std).cpu())  # BatchNorm divides by std: the Linear multiplies it back
+    head.fc.bias.data.copy_(b.cpu())
+    result['head'] = head.eval()
+    return result
+
+
+def check_against_lbfgs(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                        max_iter: int = 5000, **kwargs: Any) -> Dict[str, Any]:
+    """The fast probe against a reference: full-batch L-BFGS on the standardised (not whitened) features, run for up
+    to ``max_iter`` iterations. Returns both top-1s and the objective each reached (lower is closer to the optimum)."""
+    fast = fit_linear_probe(train_x, train_y, test_x, test_y, **kwargs)
+    ref = fit_linear_probe(train_x, train_y, test_x, test_y, **{**kwargs, 'solver': 'lbfgs', 'whiten': False,
+                                                                 'max_iter': max_iter})
+    return dict(fast_top1=fast['top1'], lbfgs_top1=ref['top1'], fast_objective=fast['objective'],
+                lbfgs_objective=ref['objective'], top1_gap=fast['top1'] - ref['top1'], fast_fit_s=fast['fit_s'],
+                lbfgs_fit_s=ref['fit_s'], lbfgs_iterations=ref['iterations'], fast_solver=fast['solver'])
 
 
 @torch.no_grad()
-def grid_features(
-        model: nn.Module,
-        images: torch.Tensor,
-        layers: Sequence[int],
-        ts: Sequence[Union[int, float]],
-        noise: bool = False,
-        batch_size: int = 256,
-        seed: int = 0,
-) -> Dict[GridKey, torch.Tensor]:
-    """``extract_features`` over a dataset in batches (one pass per t per batch); seeded noise."""
-    g = torch.Generator().manual_seed(seed)
-    parts: Dict[GridKey, List[torch.Tensor]] = {}
-    for i in range(0, len(images), batch_size):
-        feats = extract_features(model, images[i:i + batch_size], layers=layers, ts=ts, noise=noise, generator=g)
-        for k, v in feats.items():
-            parts.setdefault(k, []).append(v.float().cpu())
-    return {k: torch.cat(v) for k, v in parts.items()}
+def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 k: int = 20, temperature: float = 0.07, num_classes: Optional[int] = None,
+                 device: Union[str, torch.device] = 'cpu', chunk: int = 1024) -> float:
+    """Weighted kNN top-1 (%) with cosine similarity of features centred by the training mean (DINO's vote)."""
+    device = torch.device(device)
+    num_classes = num_classes or int(max(train_y.max(), test_y.max()).item()) + 1
+    mean = train_x.mean(0).to(device)
+    bank = F.normalize(train_x.to(device, torch.float32) - mean, dim=1)
+    labels = train_y.to(device)
+    correct = 0
+    for i in range(0, len(test_x), chunk):
+        q = F.normalize(test_x[i:i + chunk].to(device, torch.float32) - mean, dim=1)
+        sim, idx = (q @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(len(q), num_classes, device=device)
+        votes.scatter_add_(1, labels[idx], (sim / temperature).exp())
+        correct += (votes.argmax(1) == test_y[i:i + chunk].to(device)).sum().item()
+    return 100.0 * correct / max(1, len(test_x))
 
 
 def grid_probe(
         model: nn.Module,
-        train: Tuple[torch.Tensor, torch.Tensor],
-        test: Tuple[torch.Tensor, torch.Tensor],
+        train: ImageData,
+        test: ImageData,
         layers: Sequence[int],
-        ts: Sequence[Union[int, float]],
-        noise: bool = False,
+        ts: Sequence[Optional[float]],
+        noisy_input: Optional[bool] = None,
         batch_size: int = 256,
+        device: Union[str, torch.device] = 'cpu',
         seed: int = 0,
+        knn: bool = False,
+        progress: bool = False,
         **probe_kwargs: Any,
-) -> Dict[GridKey, float]:
-    """Top-1 (%) of a linear probe for every (layer, t): the analysis of DDAE's Fig. 3.
+) -> Dict[GridKey, Dict[str, float]]:
+    """Linear-probe top-1 (and kNN with ``knn``) for every (layer, t): the analysis of DDAE's Fig. 3.
 
-    Args:
-        model: Anything ``extract_features`` takes (conditional encoder, DAE, DiT encoder, DDAE UNet).
-        train, test: (images, labels) tensors, images normalised for the model.
-        layers: 0-based block indices (for a DDAE UNet, out_k is k - 1).
-        ts: Timesteps.
-        noise: Noise the inputs at each t (DDAE's protocol for UNets).
+    Features of both splits are extracted once (one pass per t per batch), then each cell is probed.
     """
-    train_f = grid_features(model, train[0], layers, ts, noise, batch_size, seed)
-    test_f = grid_features(model, test[0], layers, ts, noise, batch_size, seed + 1)
-    num_classes = int(max(train[1].max(), test[1].max()).item()) + 1
-    return {k: fit_linear_probe(train_f[k], train[1], test_f[k], test[1], num_classes=num_classes, seed=seed,
-                                **probe_kwargs)['top1'] for k in train_f}
+    kw = dict(layers=list(layers), ts=list(ts), noisy_input=noisy_input, batch_size=batch_size, device=device,
+              progress=progress)
+    ftr = dataset_features(model, train, seed=seed, desc='train features', **kw)
+    fte = dataset_features(model, test, seed=seed + 1, desc='test features', **kw)
+    return probe_features(ftr, train.labels, fte, test.labels, device=device, seed=seed, knn=knn, **probe_kwargs)
 
 
-def grid_to_json(results: Dict[GridKey, float]) -> str:
-    return json.dumps([dict(layer=k[0], t=k[1], top1=v) for k, v in sorted(results.items())], indent=2)
+def probe_features(ftr: FeatureDict, ytr: torch.Tensor, fte: FeatureDict, yte: torch.Tensor,
+                   device: Union[str, torch.device] = 'cpu', seed: int = 0, knn: bool = False,
+                   **probe_kwargs: Any) -> Dict[GridKey, Dict[str, float]]:
+    """Probe every key of extracted features: ``{key: {'top1': ..., 'knn_top1': ...}}``."""
+    out = {}
+    for key in ftr:
+        r = fit_linear_probe(ftr[key], ytr, fte[key], yte, device=device, seed=seed, **probe_kwargs)
+        cell = dict(top1=r['top1'], train_top1=r['train_top1'])
+        if knn:
+            cell['knn_top1'] = knn_accuracy(ftr[key], ytr, fte[key], yte, device=device)
+        out[key] = cell
+    return out
+
+
+# -- floors --------------------------------------------------------------------------------------------------------
+
+def random_counterpart(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A randomly initialised network of the same shape: for a ViT-shaped encoder, timm's ``VisionTransformer`` with
+    the merged encoder's arguments and timm's own initialisation (every block active, a stronger floor than the
+    adaLN-Zero start, whose blocks are the identity); for anything else, the same class built afresh."""
+    import timm
+    from timm.models import VisionTransformer
+    inner = getattr(model, 'model', model)
+    vit_args = getattr(inner, 'vit_args', None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if vit_args is not None:
+            args = vit_args() if callable(vit_args) else vit_args
+            floor = VisionTransformer(**args)
+        else:
+            arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
+            if not arch:
+                raise ValueError(f'cannot build a random counterpart of {type(model).__name__}: no architecture known')
+            floor = timm.create_model(arch, pretrained=False, **{k: v for k, v in getattr(model, '_model_args', {}).items()
+                                                                if k != 'merged'})
+    floor.pretrained_cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
+    return floor.eval()
+
+
+def pixel_features(data: ImageData, max_dim: int = 3072, mean: Sequence[float] = (0.5,) * 3,
+                   std: Sequence[float] = (0.5,) * 3) -> torch.Tensor:
+    """Raw pixels as features (N, C*H*W), normalised; images larger than ``max_dim`` values are average-pooled to fit
+    (32 x 32 x 3 = 3072 for CIFAR-10 is kept as it is)."""
+    out = []
+    for images, _ in data.batches(4096):
+        x = normalize(images, mean, std)
+        side = x.shape[-1]
+        while x[0].numel() > max_dim and side > 1:
+            side //= 2
+            x = F.adaptive_avg_pool2d(x, side)
+        out.append(x.flatten(1).cpu())
+    return torch.cat(out)
+
+
+# -- MAE's protocol --------------------------------------------------------------------------------------------------
+
+def mae_linear_probe(
+        model: nn.Module,
+        train: ImageData,
+        test: ImageData,
+        layer: int = -1,
+        t: Optional[float] = None,
+        noisy_input: Optional[bool] = None,
+        epochs: int = 90,
+        warmup_epochs: int = 10,
+        batch_size: int = 16384,
+        micro_batch: int = 1024,
+        blr: float = 0.1,
+        device: Union[str, torch.device] = 'cpu',
+        seed: int = 0,
+        progress: bool = False,
+) -> Dict[str, Any]:
+    """MAE's linear probe (``main_linprobe.py``): frozen encoder, a random resized crop (scale 0.08-1) and flip of
+    every image every epoch, the BatchNorm + Linear head trained by LARS (momentum 0.9, trust 0.001, no weight decay)
+    with lr = blr x batch / 256, ``warmup_epochs`` of linear warmup then cosine; a batch of ``batch_size`` images is
+    accumulated from ``micro_batch`` ones when it does not fit; the test images are evaluated as they are.
+    """
+    from timm.optim import Lars
+    from tqdm.auto import tqdm
+    if batch_size % micro_batch:
+        raise ValueError(f'batch_size {batch_size} must be a multiple of micro_batch {micro_batch}')
+    device = torch.device(device)
+    extractor = as_extractor(model)
+    cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
+    mean, std = cfg.get('mean', (0.5,) * 3), cfg.get('std', (0.5,) * 3)
+    gen = torch.Generator(device).manual_seed(seed)
+    feat = lambda x: extractor.extract_features(x, layers=[layer], ts=[t], noisy_input=noisy_input,  # noqa: E731
+                                                generator=gen)[(layer, extractor.resolve_ts([t])[0])]
+    num_classes = int(max(train.labels.max(), test.labels.max()).item()) + 1
+    with torch.no_grad():
+        dim = feat(normalize(train.images[:2].to(device), mean, std)).shape[1]
+    torch.manual_seed(seed)
+    head = LinearProbeHead(dim, num_classes).to(device)
+    lr = blr * batch_size / 256
+    opt = Lars(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0, trust_coeff=0.001, always_adapt=True)
+    accum = batch_size // micro_batch
+    steps_per_epoch = max(1, len(train) // batch_size)  # full batches only (MAE drops the last)
+    total, warm = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
+    data = train.to(device)
+    step = 0
+    bar = tqdm(total=total, desc='MAE linear probe', unit='step', disable=None if progress else True, leave=False)
+    for epoch in range(epochs):
+        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).to(device)
+        head.train()
+        for s in range(steps_per_epoch):
+            cur = lr * (step + 1) / warm if step < warm else \
+                lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+            for group in opt.param_groups:
+                group['lr'] = cur
+            opt.zero_grad(set_to_none=True)
+            for a in range(accum):
+                idx = perm[s * batch_size + a * micro_batch:s * batch_size + (a + 1) * micro_batch]
+                x = augment(normalize(data.images[idx], mean, std), 'rrc', gen, scale=(0.08, 1.0))
+                with torch.no_grad():
+                    f = feat(x)
+                (F.cross_entropy(head(f), data.labels[idx]) / accum).backward()
+            opt.step()
+            step += 1
+            bar.update(1)
+    bar.close()
+    head.eval()
+    correct = 0
+    with torch.no_grad():
+        for images, labels in test.batches(micro_batch):
+            correct += (head(feat(normalize(images.to(device), mean, std))).argmax(1) == labels.to(device)).sum().item()
+    return dict(top1=100.0 * correct / len(test), epochs=epochs, steps=total, batch_size=batch_size, lr=lr)
+
+
+# -- reporting --------------------------------------------------------------------------------------------------------
+
+def grid_to_json(results: Dict[GridKey, Dict[str, float]]) -> List[Dict[str, Any]]:
+    return [dict(layer=k[0], t=k[1], key=feature_key(*k), **v) for k, v in sorted(
+        results.items(), key=lambda kv: (kv[0][0], -1 if kv[0][1] is None else kv[0][1]))]
 
 
 def plot_grid(results: Dict[GridKey, float], path: str, title: str = 'linear probe top-1 (%)',
               layer_label: str = 'layer') -> str:
-    """Write a heat map of a grid probe (layers x timesteps) to ``path`` (needs matplotlib)."""
+    """Write a heat map of a grid probe (layers x timesteps, values top-1 %) to ``path`` (needs matplotlib)."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -143,13 +371,13 @@ def plot_grid(results: Dict[GridKey, float], path: str, title: str = 'linear pro
     except ImportError as e:
         raise ImportError('plot_grid needs matplotlib: pip install "ldae-models[demo]"') from e
     layers = sorted({k[0] for k in results})
-    ts = sorted({k[1] for k in results})
+    ts = sorted({k[1] for k in results}, key=lambda v: -1 if v is None else v)
     grid = torch.full((len(layers), len(ts)), float('nan'))
     for (layer, t), v in results.items():
         grid[layers.index(layer), ts.index(t)] = v
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(ts), 1.0 + 0.45 * len(layers)))
     im = ax.imshow(grid.numpy(), cmap='viridis', aspect='auto')
-    ax.set_xticks(range(len(ts)), [f'{t:g}' for t in ts])
+    ax.set_xticks(range(len(ts)), ['-' if t is None else f'{t:g}' for t in ts])
     ax.set_yticks(range(len(layers)), [str(v) for v in layers])
     ax.set_xlabel('t')
     ax.set_ylabel(layer_label)
@@ -168,138 +396,6 @@ def plot_grid(results: Dict[GridKey, float], path: str, title: str = 'linear pro
     return path
 
 
-# -- the `ldae-models probe` command ------------------------------------------------------------------------
-
-def _folder(root: str, split_names: Sequence[str]) -> str:
-    from pathlib import Path
-    for name in split_names:
-        if (Path(root) / name).is_dir():
-            return str(Path(root) / name)
-    raise SystemExit(f'no {" or ".join(split_names)} folder under {root}')
-
-
-def _load_split(root: str, transform: Any, limit: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    from torchvision.datasets import ImageFolder
-    ds = ImageFolder(root, transform=transform)
-    idx = list(range(len(ds)))
-    if limit and limit < len(ds):
-        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:limit].tolist()
-    xs, ys = zip(*(ds[i] for i in idx))
-    return torch.stack(xs), torch.tensor(ys)
-
-
-def _create(args: Any, merged: bool):
-    import json as _json
-    import timm
-    import ldae_models  # noqa: F401
-    kw = _json.loads(args.model_args) if args.model_args else {}
-    if args.checkpoint:
-        kw['pretrained_cfg_overlay'] = dict(file=args.checkpoint)
-    pretrained = bool(args.checkpoint) or '.' in args.model or args.model.startswith(('hf-hub:', 'local-dir:'))
-    if args.model.split('.')[0].startswith('ddae_'):
-        return timm.create_model(args.model, pretrained=pretrained, t=args.t, noise=args.noise, **kw).eval()
-    return timm.create_model(args.model, pretrained=pretrained, merged=merged, t=args.t, **kw).eval()
-
-
-def _mae_protocol(model: nn.Module, args: Any, train_root: str, test_root: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """MAE's linear probe: frozen encoder, augmented batches every epoch, LARS (or SGD), warmup + cosine."""
-    import timm.data
-    from timm.optim import Lars
-    from torchvision.datasets import ImageFolder
-    size = cfg['input_size'][-1]
-    train_tf = timm.data.create_transform(size, is_training=True, scale=(0.08, 1.0), hflip=0.5, color_jitter=None,
-                                          auto_augment=None, re_prob=0.0, interpolation='bicubic', mean=cfg['mean'],
-                                          std=cfg['std'])
-    eval_tf = timm.data.create_transform(**cfg, is_training=False)
-    train_ds, test_ds = ImageFolder(train_root, train_tf), ImageFolder(test_root, eval_tf)
-    g = torch.Generator().manual_seed(args.seed)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, generator=g,
-                                         num_workers=args.workers, drop_last=len(train_ds) > args.batch_size)
-    head = LinearProbeHead(model.num_features, len(train_ds.classes))
-    lr = args.blr * args.batch_size / 256
-    opt = Lars(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0) if args.optimizer == 'lars' else \
-        torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
-    steps, warm = args.epochs * len(loader), args.warmup_epochs * len(loader)
-    step = 0
-    for _ in range(args.epochs):
-        head.train()
-        for x, y in loader:
-            for group in opt.param_groups:
-                group['lr'] = lr * (step + 1) / warm if step < warm else \
-                    lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-            with torch.no_grad():
-                f = model(x)
-            loss = F.cross_entropy(head(f), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-    head.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in torch.utils.data.DataLoader(test_ds, batch_size=256, num_workers=args.workers):
-            correct += (head(model(x)).argmax(1) == y).sum().item()
-            total += len(y)
-    return dict(top1=100 * correct / max(1, total), n_train=len(train_ds), n_test=total)
-
-
-def probe_main(argv: Optional[List[str]] = None) -> int:
-    """``ldae-models probe``: linear-probe accuracy of an encoder on an ImageFolder (train/ and test/ or val/)."""
-    import argparse
-    import timm.data
-    ap = argparse.ArgumentParser(prog='ldae-models probe', description=probe_main.__doc__)
-    ap.add_argument('--model', required=True, help='NAME[.TAG], local-dir:PATH or hf-hub:ORG/NAME')
-    ap.add_argument('--checkpoint', help='weights file to load into the model')
-    ap.add_argument('--model-args', help='JSON object of model keyword arguments')
-    ap.add_argument('--data-dir', required=True, help='ImageFolder root with train/ and test/ (or val/)')
-    ap.add_argument('--mode', choices=('fast', 'mae', 'grid'), default='fast',
-                    help='fast: features once, no augmentation (default); mae: MAE protocol; grid: (layer, t) grid')
-    ap.add_argument('--t', type=float, default=10, help='fixed timestep (fast, mae) (default: %(default)s)')
-    ap.add_argument('--layers', type=int, nargs='+', help='grid: 0-based block indices (default: all)')
-    ap.add_argument('--ts', type=float, nargs='+', default=[0, 10, 20, 40, 80], help='grid: timesteps')
-    ap.add_argument('--noise', action='store_true', help='noise the input at t (DDAE protocol, paper: "noisy input")')
-    ap.add_argument('--epochs', type=int, default=15, help='probe epochs (MAE: 90 for ViT-B)')
-    ap.add_argument('--warmup-epochs', type=int, default=1)
-    ap.add_argument('--batch-size', type=int, default=128)
-    ap.add_argument('--lr', type=float, default=1e-3, help='fast/grid: Adam lr (DDAE)')
-    ap.add_argument('--blr', type=float, default=0.1, help='mae: base lr, lr = blr * batch / 256 (MAE)')
-    ap.add_argument('--optimizer', choices=('lars', 'sgd'), default='lars', help='mae: optimiser')
-    ap.add_argument('--max-train', type=int, default=0, help='use at most this many training images (0: all)')
-    ap.add_argument('--max-test', type=int, default=0)
-    ap.add_argument('--workers', type=int, default=2)
-    ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--out', help='write the result as JSON here')
-    ap.add_argument('--plot', help='grid: write the heat map here (PNG)')
-    args = ap.parse_args(argv)
-    torch.manual_seed(args.seed)
-    train_root = _folder(args.data_dir, ('train',))
-    test_root = _folder(args.data_dir, ('test', 'val'))
-    model = _create(args, merged=args.mode == 'mae' and not args.noise)
-    cfg = timm.data.resolve_model_data_config(model)
-    result: Dict[str, Any] = dict(model=args.model, checkpoint=args.checkpoint, mode=args.mode, noise=args.noise)
-    if args.mode == 'mae':
-        result.update(t=args.t, epochs=args.epochs, optimizer=args.optimizer, **_mae_protocol(model, args, train_root,
-                                                                                              test_root, cfg))
-    else:
-        tf = timm.data.create_transform(**cfg, is_training=False)
-        train = _load_split(train_root, tf, args.max_train)
-        test = _load_split(test_root, tf, args.max_test)
-        n_blocks = len(model.blocks)
-        if args.mode == 'fast':
-            layers, ts = [n_blocks - 1], [args.t]
-        else:
-            layers, ts = args.layers if args.layers else list(range(n_blocks)), args.ts
-        grid = grid_probe(model, train, test, layers=layers, ts=ts, noise=args.noise, seed=args.seed,
-                          epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
-        result.update(n_train=len(train[1]), n_test=len(test[1]), epochs=args.epochs,
-                      grid=[dict(layer=k[0], t=k[1], top1=v) for k, v in sorted(grid.items())])
-        best = max(grid.items(), key=lambda kv: kv[1])
-        result.update(top1=best[1], best_layer=best[0][0], best_t=best[0][1])
-        if args.mode == 'grid' and args.plot:
-            plot_grid(grid, args.plot, title=f'{args.model}: linear probe top-1 (%)')
-    print(f"{args.model} ({args.mode}): top-1 {result['top1']:.2f}%" +
-          (f" at layer {result['best_layer']}, t {result['best_t']:g}" if 'best_layer' in result else ''))
-    if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(result, f, indent=2)
-    return 0
+def write_json(path: str, obj: Any) -> None:
+    with open(path, 'w') as f:
+        json.dump(obj, f, indent=2, default=lambda o: o.tolist() if hasattr(o, 'tolist') else str(o))

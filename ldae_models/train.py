@@ -1,192 +1,165 @@
-"""The compact training script: l-DAE (and its ablations) and the DDPM objective of the DDAE UNets.
+"""Training: the l-DAE objective (and its ablations) and the DDPM objective of the DDAE UNets.
 
-One process on a CPU or GPU, or any number of GPUs and machines under torchrun (DistributedDataParallel):
+``TrainConfig`` holds every setting with the reason for it; ``train(config)`` runs it, in one process on a CPU or GPU
+or under torchrun on any number of GPUs (DistributedDataParallel). The command line (``ldae-models train``) and the
+benchmarks build the config; nothing else reads arguments.
 
-    ldae-models train --model ldae_vit_tiny_patch4_32 --data-dir DATA --out runs/tiny --epochs 400
-    torchrun --nproc_per_node 8 -m ldae_models.train --model ldae_vit_base_patch16_256 --data-dir IMAGENET ...
+    ldae-models train --dataset cifar10 --data-root ~/data --out runs/tiny --epochs 400
+    torchrun --nproc_per_node 8 -m ldae_models train --model ldae_vit_base_patch16_256 --data-root IMAGENET ...
 
-``--data-dir`` is an ImageFolder (``DIR/train/<class>/*.png``, or ``DIR/<class>/*`` directly).
+What makes it fast and exact:
 
-Reproducible by construction: every random draw of a sample (its crop, its t and its noise) comes from a seed
-made of (``--seed``, epoch, sample index), and the order of the data from (``--seed``, epoch). So a run resumed
-from a checkpoint ends in exactly the state of an uninterrupted run, and N processes give the same model as one
-with the same global batch (up to the order of floating-point sums). Checkpoints (``ckpt_last.pth``) are written
-atomically every ``--ckpt-every`` steps and at the end; they hold only tensors and plain containers, so they load
-with ``torch.load(weights_only=True)``. A non-finite loss stops the run with a message and leaves the last good
-checkpoint untouched. The final weights are written as ``model.safetensors`` (the EMA weights when ``--ema``)
-and, for encoders, as a ``save_pretrained`` folder ``encoder/``.
+- Data that fits in memory (CIFAR-10: 150 MB) is decoded once into a uint8 tensor on the device; a step cuts its
+  batch out of it and augments on the device. Larger ImageFolders stream through a DataLoader (``in_memory='no'``).
+- Every random draw of a step (the data order of its epoch, its crops, its t and noise) comes from seeds of (``seed``,
+  epoch or step), drawn for the whole global batch on the device; a rank takes its slice. So a run resumed from a
+  checkpoint ends in exactly the state of an uninterrupted run, and N processes give the model of one process with
+  the same global batch (up to the order of floating-point sums). Nothing waits on the host per sample.
+- The step never waits for the device either: the loss is read at log steps, and the non-finite check every
+  ``nan_check_every`` steps and before every checkpoint. A non-finite loss stops the run with a message naming the
+  step; the last good checkpoint is kept.
+- bf16 autocast on a GPU (the PCA tokenizer and the loss stay float32), fused AdamW, fused attention (timm's),
+  optional ``torch.compile``.
+
+Checkpoints (``ckpt_last.pth``) are written atomically and hold only tensors and plain containers
+(``torch.load(weights_only=True)``). The end of a run writes ``model.safetensors`` (the EMA weights with ``ema``) and,
+for an l-DAE, ``encoder/``, a ``save_pretrained`` folder of its conditional encoder.
 """
-import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
-__all__ = ['main', 'build_parser', 'train']
+from .data import DATASETS, ImageData, augment, load_split, normalize
+from .layers.schedules import randn
+
+__all__ = ['TrainConfig', 'train', 'build_model', 'lr_at', 'CKPT_NAME', 'cpu_has_native_bf16', 'step_seed']
 
 CKPT_NAME = 'ckpt_last.pth'
 _MASK = (1 << 63) - 1
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A per-sample seed from (run seed, epoch, sample index) (splitmix-style mixing)."""
-    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & _MASK
-    x ^= x >> 31
-    return (x * 0xD6E8FEB86659FD93) & _MASK
+def _arg(default: Any, help: str, **kw: Any) -> Any:
+    """A config field with its reason (the command line's help)."""
+    factory = kw.pop('factory', None)
+    if factory is not None:
+        return field(default_factory=factory, metadata=dict(help=help, **kw))
+    return field(default=default, metadata=dict(help=help, **kw))
 
 
-# -- data -------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; ``vars`` of it is stored in every checkpoint."""
 
-class SeededImageFolder(torch.utils.data.Dataset):
-    """ImageFolder whose items are addressed by (epoch, index) and transformed under a per-sample seed."""
+    # -- what to train
+    model: str = _arg('ldae_vit_tiny_patch4_32', 'an l-DAE size (ldae_vit_*) or a DDAE UNet (ddae_*)')
+    model_args: Dict[str, Any] = _arg(None, 'constructor overrides as JSON, e.g. {"depth": 6}', factory=dict)
+    target: Optional[str] = _arg(None, "l-DAE prediction target (default 'image', the final l-DAE; Tab. 3)",
+                                 choices=('image', 'latent', 'noise'))
+    noise_space: Optional[str] = _arg(None, "where noise is added: 'latent' (l-DAE) or 'pixel' (classical DAE)",
+                                      choices=('latent', 'pixel'))
+    schedule: Optional[str] = _arg(None, "noise schedule: 'linear_sigma' (final l-DAE), 'single' (one level), "
+                                         "'vp_linear' (input-scaled, Tab. 1/3)",
+                                   choices=('linear_sigma', 'single', 'vp_linear'))
+    sigma_max: Optional[float] = _arg(None, 'sigma at the last step of linear_sigma (the paper: sqrt 2); larger '
+                                            'hides more of the image at high t')
+    latent_dim: Optional[int] = _arg(None, 'd, the PCA components kept as the latent (Tab. 2)')
+    latent_scale: Optional[str] = _arg(None, "latent scale (ours): 'global' (one scale), 'whiten' (per component)",
+                                       choices=('global', 'whiten', 'none'))
+    residual_weight: Optional[float] = _arg(None, 'loss weight of the discarded PCA components (the paper: 0.1)')
+    # -- data
+    dataset: str = _arg('folder', "'folder' (an ImageFolder), 'cifar10' (torchvision's files), 'npz'",
+                        choices=DATASETS)
+    data_root: str = _arg('', 'the folder or file of the data set (ImageFolder root: its train/ is used)')
+    download: bool = _arg(False, 'download the data set where the network allows (cifar10)')
+    in_memory: str = _arg('auto', "decode the data set once into device memory: 'auto' (every kind but a folder of "
+                                  "more than 200,000 images), 'yes', 'no' (stream with a DataLoader)",
+                          choices=('auto', 'yes', 'no'))
+    aug: str = _arg('center', "'center' crop (the paper's default) or 'rrc' (random resized crop + flip)",
+                    choices=('center', 'rrc'))
+    workers: int = _arg(4, 'DataLoader workers of the streaming path')
+    # -- budget and optimiser (App. A: AdamW, no weight decay, blr 1e-4, batch 2048, warmup 100 of 400 epochs)
+    epochs: int = _arg(400, 'epochs of the schedule (the paper: 400, 800, 1600)')
+    max_steps: int = _arg(0, 'end after this many steps instead; warmup and cosine are then laid over these steps')
+    batch_size: int = _arg(2048, 'global batch (the paper: 2048)')
+    accum_steps: int = _arg(1, 'micro-batches per step (gradient accumulation) when the batch does not fit')
+    blr: float = _arg(1e-4, 'base lr: lr = blr * batch / 256 (the paper)')
+    lr: float = _arg(0.0, 'absolute peak lr (overrides blr)')
+    warmup_epochs: float = _arg(100, 'linear warmup (the paper: 100 of 400 epochs), then half-cycle cosine to 0')
+    weight_decay: float = _arg(0.0, 'AdamW weight decay (the paper: none)')
+    clip_grad: float = _arg(0.0, 'gradient-norm clip (0: off)')
+    ema: float = _arg(0.0, 'EMA decay of the weights, e.g. 0.9999 (0: off); the final weights are the EMA')
+    # -- precision and speed
+    amp: str = _arg('auto', "bf16 autocast: 'auto' (on a GPU, and on a CPU with AVX512-BF16 or AMX), 'bf16', 'off'",
+                    choices=('auto', 'bf16', 'off'))
+    compile: bool = _arg(False, 'torch.compile the training step')
+    grad_checkpointing: bool = _arg(False, 'recompute activations in backward (l-DAE): less memory, more time')
+    nan_check_every: int = _arg(25, 'steps between reads of the non-finite-loss flag (each read waits on the device)')
+    device: str = _arg('auto', "'auto' (the local GPU if any), 'cpu', 'cuda'")
+    # -- PCA tokenizer
+    pca_images: int = _arg(50_000, 'images streamed into the PCA fit (the first step of an l-DAE run)')
+    pca_patches_per_image: Optional[int] = _arg(None, 'random patches per image in the fit (default: all)')
+    pca_from: Optional[str] = _arg(None, 'take the fitted tokenizer from this checkpoint instead of fitting')
+    # -- the run
+    out: str = _arg('', 'output folder: checkpoints, log.jsonl, final weights')
+    seed: int = _arg(0, 'the seed of every random draw of the run')
+    resume: bool = _arg(False, 'continue from OUT/ckpt_last.pth when it exists')
+    ckpt_every: int = _arg(1000, 'steps between checkpoints (also at the end)')
+    log_every: int = _arg(50, 'steps between JSON log lines')
+    quiet: bool = _arg(False, 'no progress bar')
 
-    def __init__(self, root: str, transform: Any, seed: int) -> None:
-        from torchvision.datasets import ImageFolder
-        root_p = Path(root)
-        if (root_p / 'train').is_dir():
-            root_p = root_p / 'train'
-        if not root_p.is_dir():
-            raise SystemExit(f'--data-dir not found: {root}')
-        self.folder = ImageFolder(str(root_p))
-        if len(self.folder) == 0:
-            raise SystemExit(f'no images found under {root_p}')
-        self.transform = transform
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    def __getitem__(self, key: Tuple[int, int]) -> Tuple[torch.Tensor, int, int]:
-        epoch, index = key
-        s = sample_seed(self.seed, epoch, index)
-        img, label = self.folder[index]
-        with torch.random.fork_rng(devices=[]):  # the transform's randomness, without touching the caller's RNG
-            torch.manual_seed(s)
-            img = self.transform(img)
-        return img, label, s
-
-
-class StepBatchSampler(torch.utils.data.Sampler):
-    """Yields this rank's micro-batches of (epoch, index) keys, step after step, from ``start_step``.
-
-    Step s of epoch e takes the slice [s G, (s + 1) G) of a permutation seeded by (seed, e), G the global
-    batch; rank r takes the r-th of ``world`` equal parts and splits it into ``accum`` micro-batches.
-    """
-
-    def __init__(self, n: int, global_batch: int, world: int, rank: int, accum: int, seed: int,
-                 start_step: int, total_steps: int) -> None:
-        if global_batch % (world * accum):
-            raise SystemExit(f'--batch-size {global_batch} must be divisible by processes x accumulation '
-                             f'({world} x {accum})')
-        self.n, self.g, self.world, self.rank, self.accum, self.seed = n, global_batch, world, rank, accum, seed
-        self.steps_per_epoch = n // global_batch
-        if self.steps_per_epoch == 0:
-            raise SystemExit(f'--batch-size {global_batch} is larger than the dataset ({n} images)')
-        self.start_step, self.total_steps = start_step, total_steps
-
-    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
-        step = self.start_step
-        while step < self.total_steps:
-            epoch, s = divmod(step, self.steps_per_epoch)
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)).tolist()
-            for s in range(s, self.steps_per_epoch):
-                if step >= self.total_steps:
-                    return
-                batch = perm[s * self.g:(s + 1) * self.g]
-                part = self.g // self.world
-                mine = batch[self.rank * part:(self.rank + 1) * part]
-                micro = part // self.accum
-                for a in range(self.accum):
-                    yield [(epoch, i) for i in mine[a * micro:(a + 1) * micro]]
-                step += 1
-
-    def __len__(self) -> int:
-        return (self.total_steps - self.start_step) * self.accum
-
-
-def build_transform(img_size: int, aug: str):
-    from torchvision import transforms as T
-    norm = [T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]  # images in [-1, 1]
-    if aug == 'rrc':  # the paper's "random resized crop" variant (ours: MAE's scale range and flip)
-        return T.Compose([T.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                          T.RandomHorizontalFlip(), *norm])
-    return T.Compose([T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size), *norm])
+    def dae_kwargs(self) -> Dict[str, Any]:
+        """The l-DAE constructor arguments: ``model_args`` and the ablation fields that are set."""
+        kw = dict(self.model_args)
+        for key in ('target', 'noise_space', 'schedule', 'latent_dim', 'latent_scale', 'residual_weight'):
+            value = getattr(self, key)
+            if value is not None:
+                kw[key] = value
+        if self.sigma_max is not None:
+            kw['schedule_args'] = {**kw.get('schedule_args', {}), 'sigma_max': self.sigma_max}
+        return kw
 
 
-# -- model and objective ----------------------------------------------------------------------------
-
-def build_model(args: argparse.Namespace) -> nn.Module:
-    import ldae_models
-    from ldae_models.models.ddae_unet import UNET_CONFIGS, DDAEUNet
-    overrides = json.loads(args.model_args) if args.model_args else {}
-    if args.model in UNET_CONFIGS:
-        cfg = {k: v for k, v in UNET_CONFIGS[args.model].items() if k not in ('out_k', 't')}
-        return DDAEUNet(**{**cfg, 'out_k': 1, **overrides})  # the feature tap plays no part in training
-    for key in ('target', 'noise_space', 'noise_levels', 'latent_dim', 'latent_scale', 'residual_weight'):
-        value = getattr(args, key)
-        if value is not None:
-            overrides[key] = value
-    return ldae_models.create_dae(args.model, **overrides)
+def step_seed(seed: int, *counters: int) -> int:
+    """A 63-bit seed from (run seed, counters...) by splitmix64-style mixing: the counter-based seed of a step."""
+    x = seed & _MASK
+    for i, c in enumerate(counters):
+        x = (x + (c + 1) * (0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019 * i)) & ((1 << 64) - 1)
+        x ^= x >> 30
+        x = (x * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+        x ^= x >> 27
+        x = (x * 0x94D049BB133111EB) & ((1 << 64) - 1)
+        x ^= x >> 31
+    return x & _MASK
 
 
-def draw_t_and_noise(seeds: Sequence[int], shape: Tuple[int, ...], num_timesteps: int, single_t: Optional[float]
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Each sample's t and noise from its own seed (so they do not depend on how the batch is split)."""
-    ts, eps = [], []
-    for s in seeds:
-        g = torch.Generator().manual_seed(int(s) ^ 0x5DEECE66D)
-        t = torch.randint(0, num_timesteps, (1,), generator=g)
-        ts.append(t.float() if single_t is None else torch.tensor([float(single_t)]))
-        eps.append(torch.randn(shape, generator=g))
-    return torch.cat(ts), torch.stack(eps)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel, torch.compile and the UNet's forward adapter."""
-    while True:
-        for attr in ('module', '_orig_mod', 'unet'):
-            if isinstance(getattr(model, attr, None), nn.Module):
-                model = getattr(model, attr)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); without it bf16 autocast is many times slower."""
+    for probe in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'):
+        fn = getattr(torch.cpu, probe, None)
+        if fn is not None:
+            try:
+                if fn():
+                    return True
+            except Exception:  # noqa: BLE001 -- a private probe that changed: fall back to cpuinfo
                 break
-        else:
-            return model
+    try:
+        flags = Path('/proc/cpuinfo').read_text()
+    except OSError:
+        return False
+    return 'avx512_bf16' in flags or 'amx_bf16' in flags
 
-
-def compute_loss(net: nn.Module, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-    """The objective: l-DAE's loss for a ``LatentDAE``, DDPM's noise MSE for a UNet (``net`` may be wrapped)."""
-    from ldae_models.layers.diffusion import q_sample
-    from ldae_models.models.ldae_vit import LatentDAE
-    inner = _unwrap(net)
-    if isinstance(inner, LatentDAE):
-        single = inner.encoder.t if inner.noise_levels == 'single' else None
-        t, eps = draw_t_and_noise(seeds, inner.noise_shape(images), inner.num_timesteps, single)
-        return net(images, t=t.to(images.device), noise=eps.to(images.device))['loss']
-    t, eps = draw_t_and_noise(seeds, tuple(images.shape[1:]), inner.num_timesteps, None)
-    t, eps = t.to(images.device), eps.to(images.device)
-    x_t, _ = q_sample(images, t.long(), inner.abar, noise=eps)
-    return F.mse_loss(net(x_t, t), eps)
-
-
-class _DenoiseForward(nn.Module):
-    """Makes ``denoise`` the forward of a UNet, so DDP wraps it."""
-
-    def __init__(self, unet: nn.Module) -> None:
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet.denoise(x_t, t)
-
-
-# -- schedule, checkpoints, distributed -------------------------------------------------------------
 
 def lr_at(step: int, total: int, warmup: int, peak: float, min_lr: float = 0.0) -> float:
     """Linear warmup, then half-cycle cosine (the paper's schedule)."""
@@ -196,6 +169,136 @@ def lr_at(step: int, total: int, warmup: int, peak: float, min_lr: float = 0.0) 
     return min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+# -- model and objective ----------------------------------------------------------------------------------------
+
+def build_model(cfg: TrainConfig) -> nn.Module:
+    """The model a config trains: a ``LatentDAE`` (with the ablations) or a ``DDAEUNet``."""
+    from .models.ddae_unet import UNET_CONFIGS, DDAEUNet
+    from .models.ldae_vit import create_dae
+    if cfg.model in UNET_CONFIGS:
+        args = {k: v for k, v in UNET_CONFIGS[cfg.model].items() if k not in ('out_k', 't')}
+        return DDAEUNet(**{**args, 'out_k': 1, **cfg.model_args})  # the feature tap plays no part in training
+    return create_dae(cfg.model, **cfg.dae_kwargs())
+
+
+class TrainingObjective(nn.Module):
+    """The model's ``training_loss`` as a forward, so that DistributedDataParallel and torch.compile wrap it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.model.training_loss(images, t, noise)
+
+
+# -- data -----------------------------------------------------------------------------------------------------
+
+class _SeededFolder(torch.utils.data.Dataset):
+    """An ImageFolder streamed by a DataLoader, each item transformed under a seed of (run seed, epoch, index)."""
+
+    def __init__(self, root: str, img_size: int, aug: str, seed: int) -> None:
+        from torchvision import transforms as T
+        from torchvision.datasets import ImageFolder
+        root_p = Path(root)
+        self.folder = ImageFolder(str(root_p / 'train' if (root_p / 'train').is_dir() else root_p))
+        norm = [T.PILToTensor()]
+        if aug == 'rrc':
+            self.transform = T.Compose([T.RandomResizedCrop(img_size, scale=(0.2, 1.0),
+                                                            interpolation=T.InterpolationMode.BICUBIC),
+                                        T.RandomHorizontalFlip(), *norm])
+        else:
+            self.transform = T.Compose([T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC),
+                                        T.CenterCrop(img_size), *norm])
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, key: Tuple[int, int]) -> Tuple[torch.Tensor, int]:
+        epoch, index = key
+        img, label = self.folder[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(step_seed(self.seed, epoch, index))
+            return self.transform(img.convert('RGB')), label
+
+
+class Batches:
+    """This rank's micro-batches of uint8 images, step after step, from ``start_step``.
+
+    Step s of epoch e takes the slice [s G, (s + 1) G) of a permutation seeded by (seed, e), G the global batch;
+    rank r takes the r-th of ``world`` equal parts and splits it into ``accum`` micro-batches. Each micro-batch comes
+    with its offset in the global batch, where its crops, t and noise are read from the step's global draws.
+    """
+
+    def __init__(self, cfg: TrainConfig, n: int, world: int, rank: int, start_step: int, total_steps: int,
+                 data: Optional[ImageData], folder: Optional[_SeededFolder], device: torch.device) -> None:
+        if cfg.batch_size % (world * cfg.accum_steps):
+            raise ValueError(f'--batch-size {cfg.batch_size} must be divisible by processes x accumulation '
+                             f'({world} x {cfg.accum_steps})')
+        self.cfg, self.n, self.world, self.rank = cfg, n, world, rank
+        self.steps_per_epoch = n // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f'--batch-size {cfg.batch_size} is larger than the data set ({n} images)')
+        self.start_step, self.total_steps = start_step, total_steps
+        self.data, self.folder, self.device = data, folder, device
+        self.part = cfg.batch_size // world
+        self.micro = self.part // cfg.accum_steps
+
+    def __iter__(self) -> Iterator[Tuple[int, int, torch.Tensor]]:
+        """(step, offset in the global batch, uint8 images on the device)."""
+        loader = self._loader() if self.folder is not None else None
+        step, perm, perm_epoch = self.start_step, None, -1
+        while step < self.total_steps:
+            epoch, s = divmod(step, self.steps_per_epoch)
+            for a in range(self.cfg.accum_steps):
+                offset = self.rank * self.part + a * self.micro
+                if loader is not None:
+                    images = next(loader)[0].to(self.device, non_blocking=True)
+                else:
+                    if epoch != perm_epoch:
+                        perm, perm_epoch = self._perm(epoch).to(self.device), epoch
+                    lo = s * self.cfg.batch_size + offset
+                    images = self.data.images[perm[lo:lo + self.micro]]
+                yield step, offset, images
+            step += 1
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(step_seed(self.cfg.seed, 1, epoch)))
+
+    def _loader(self) -> Iterator:
+        outer = self
+
+        class Keys(torch.utils.data.Sampler):
+            def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+                step = outer.start_step
+                while step < outer.total_steps:
+                    epoch, s = divmod(step, outer.steps_per_epoch)
+                    perm = outer._perm(epoch).tolist()
+                    for a in range(outer.cfg.accum_steps):
+                        lo = s * outer.cfg.batch_size + outer.rank * outer.part + a * outer.micro
+                        yield [(epoch, i) for i in perm[lo:lo + outer.micro]]
+                    step += 1
+
+            def __len__(self) -> int:
+                return (outer.total_steps - outer.start_step) * outer.cfg.accum_steps
+
+        return iter(torch.utils.data.DataLoader(self.folder, batch_sampler=Keys(), num_workers=self.cfg.workers,
+                                                pin_memory=self.device.type == 'cuda'))
+
+
+def step_draws(cfg: TrainConfig, step: int, model: nn.Module, shape: Tuple[int, ...], device: torch.device
+               ) -> Dict[str, torch.Tensor]:
+    """The random draws of a step for the whole global batch, on the device: t, noise, crop parameters."""
+    gen = torch.Generator(device).manual_seed(step_seed(cfg.seed, 2, step))
+    G = cfg.batch_size
+    return dict(t=model.schedule.sample_t(G, generator=gen, device=device),
+                noise=randn((G, *shape), generator=gen, device=device),
+                crop=torch.rand(G, 5, generator=gen, device=device))
+
+
+# -- checkpoints, distributed, logging ---------------------------------------------------------------------------
+
 def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
     """Write atomically: a temporary file in the same folder, then a rename."""
     tmp = path.with_name(path.name + '.tmp')
@@ -203,260 +306,268 @@ def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def setup_distributed() -> Tuple[int, int, torch.device]:
+def setup_distributed(device: str) -> Tuple[int, int, torch.device]:
     world = int(os.environ.get('WORLD_SIZE', '1'))
+    use_cuda = torch.cuda.is_available() and device in ('auto', 'cuda')
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('--device cuda: no CUDA device is available')
+    rank, local = 0, 0
     if world > 1:
-        backend = 'nccl' if torch.cuda.is_available() else 'gloo'
-        dist.init_process_group(backend)
-        rank = dist.get_rank()
-        local = int(os.environ.get('LOCAL_RANK', '0'))
-    else:
-        rank, local = 0, 0
-    if torch.cuda.is_available():
+        dist.init_process_group('nccl' if use_cuda else 'gloo')
+        rank, local = dist.get_rank(), int(os.environ.get('LOCAL_RANK', '0'))
+    if use_cuda:
         torch.cuda.set_device(local)
-        device = torch.device('cuda', local)
-    else:
-        device = torch.device('cpu')
-    return rank, world, device
+        return rank, world, torch.device('cuda', local)
+    return rank, world, torch.device('cpu')
 
 
-# -- the run ----------------------------------------------------------------------------------------
+def resolve_amp(mode: str, device: torch.device) -> Optional[Dict[str, Any]]:
+    """The autocast arguments of ``mode`` on ``device``; bf16 on a CPU without native bf16 falls back to float32 with a
+    warning (it measured 12x slower than float32 on such a CPU)."""
+    if mode == 'off':
+        return None
+    if device.type == 'cuda':
+        return dict(device_type='cuda', dtype=torch.bfloat16)
+    if cpu_has_native_bf16():
+        return dict(device_type='cpu', dtype=torch.bfloat16)
+    if mode == 'bf16':
+        warnings.warn('--amp bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 autocast runs many '
+                      'times slower than float32; training in float32 instead', stacklevel=2)
+    return None
 
-def train(args: argparse.Namespace) -> Dict[str, Any]:
-    from ldae_models.models.ldae_vit import LatentDAE
-    rank, world, device = setup_distributed()
+
+class Log:
+    """Rank 0's record of a run: a line per stage and one JSON line per log step, on stdout and in OUT/log.jsonl."""
+
+    def __init__(self, out: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.file = open(out / 'log.jsonl', 'a') if enabled else None
+
+    def __call__(self, **record: Any) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps(record)
+        print(line, flush=True)
+        self.file.write(line + '\n')
+        self.file.flush()
+
+    def stage(self, name: str, **info: Any) -> None:
+        self(event='stage', stage=name, time=round(time.time(), 1), **info)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def _progress(total: int, start: int, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=start, unit='step', dynamic_ncols=True, disable=None if enabled else True)
+
+
+# -- the run --------------------------------------------------------------------------------------------------------
+
+def _load_data(cfg: TrainConfig, img_size: int, device: torch.device, is_main: bool
+               ) -> Tuple[Optional[ImageData], Optional[_SeededFolder], int]:
+    if not cfg.data_root:
+        raise ValueError('--data-root is required (an ImageFolder, a CIFAR-10 folder or an .npz file)')
+    stream = cfg.in_memory == 'no'
+    if cfg.in_memory == 'auto' and cfg.dataset == 'folder':
+        from torchvision.datasets import ImageFolder
+        root = Path(cfg.data_root)
+        if not root.exists():
+            raise FileNotFoundError(f'--data-root not found: {root}')
+        stream = len(ImageFolder(str(root / 'train' if (root / 'train').is_dir() else root))) > 200_000
+    if stream:
+        if cfg.dataset != 'folder':
+            raise ValueError("in_memory='no' streams ImageFolders only")
+        folder = _SeededFolder(cfg.data_root, img_size, cfg.aug, cfg.seed)
+        return None, folder, len(folder)
+    data = load_split(cfg.dataset, cfg.data_root, 'train', img_size, download=cfg.download, progress=is_main)
+    return data.to(device), None, len(data)
+
+
+def _fit_pca(model: nn.Module, cfg: TrainConfig, data: Optional[ImageData], folder: Optional[_SeededFolder],
+             rank: int, world: int, device: torch.device) -> None:
+    """Stream ``pca_images`` images (the epoch-0 order, this rank's share) into float64 sums; all-reduce; fit."""
+    n = len(data) if data is not None else len(folder)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(cfg.seed, 1, 0)))[:min(cfg.pca_images, n)]
+    mine = perm[rank::world]
+    stats = model.tokenizer.new_stats()
+    g = torch.Generator().manual_seed(step_seed(cfg.seed, 3, rank))
+    for i in range(0, len(mine), 1024):
+        idx = mine[i:i + 1024]
+        if data is not None:
+            batch = normalize(data.images[idx.to(data.images.device)])
+        else:
+            batch = normalize(torch.stack([folder[(0, int(j))][0] for j in idx]))
+        model.tokenizer.accumulate(stats, batch, patches_per_image=cfg.pca_patches_per_image, generator=g)
+    stats.all_reduce(device=device if device.type == 'cuda' else None)
+    model.tokenizer.set_from_stats(stats)
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Run a config to its end (or resume it); returns the last step, the last log record and the weights' path."""
+    from .models.ldae_vit import LatentDAE
+    rank, world, device = setup_distributed(cfg.device)
     is_main = rank == 0
-    out = Path(args.out)
+    if not cfg.out:
+        raise ValueError('--out is required')
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
+    log = Log(out, is_main)
+    torch.manual_seed(cfg.seed)
 
-    model = build_model(args).to(device)
+    model = build_model(cfg).to(device)
     is_dae = isinstance(model, LatentDAE)
     img_size = model.encoder.patch_embed.img_size[0] if is_dae else model.img_size
-    dataset = SeededImageFolder(args.data_dir, build_transform(img_size, args.aug), args.seed)
-    steps_per_epoch = len(dataset) // args.batch_size
+    log.stage('data', dataset=cfg.dataset, root=str(cfg.data_root))
+    data, folder, n = _load_data(cfg, img_size, device, is_main)
+    steps_per_epoch = n // cfg.batch_size
     if steps_per_epoch == 0:
-        raise SystemExit(f'--batch-size {args.batch_size} is larger than the dataset ({len(dataset)} images)')
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
-    warmup = int(args.warmup_epochs * steps_per_epoch)
-    peak_lr = args.lr if args.lr else args.blr * args.batch_size / 256
+        raise ValueError(f'--batch-size {cfg.batch_size} is larger than the data set ({n} images)')
+    epoch_steps = cfg.epochs * steps_per_epoch
+    total_steps = cfg.max_steps or epoch_steps
+    # warmup is a fraction of the schedule, laid over the run's real length
+    warmup = int(round(total_steps * min(1.0, cfg.warmup_epochs / max(cfg.epochs, 1e-9))))
+    peak_lr = cfg.lr or cfg.blr * cfg.batch_size / 256
     ema = None
-    if args.ema:
+    if cfg.ema:
         from timm.utils import ModelEmaV3
-        ema = ModelEmaV3(model, decay=args.ema)
-
-    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=args.weight_decay, betas=(0.9, 0.95),
+        ema = ModelEmaV3(model, decay=cfg.ema)
+    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
                             fused=device.type == 'cuda')
     start_step = 0
     ckpt_path = out / CKPT_NAME
-    if args.resume and ckpt_path.exists():
+    if cfg.resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location='cpu', weights_only=True)
         model.load_state_dict(state['model'])
         opt.load_state_dict(state['optimizer'])
         if ema is not None and 'ema' in state:
             ema.module.load_state_dict(state['ema'])
         start_step = int(state['step'])
-        if is_main:
-            print(json.dumps(dict(event='resumed', step=start_step, checkpoint=str(ckpt_path))), flush=True)
-    elif is_dae:  # the PCA fit is a step of the run (or loaded from a file of a fitted model)
-        if args.pca_from:
-            from ldae_models.pretrained import read_checkpoint, unwrap_state_dict
-            sd = unwrap_state_dict(read_checkpoint(args.pca_from))
-            tok = {k.split('tokenizer.', 1)[1]: v for k, v in sd.items() if 'tokenizer.' in k}
-            model.tokenizer.load_state_dict(tok)
+        log(event='resumed', step=start_step, checkpoint=str(ckpt_path))
+    elif is_dae:  # the PCA fit is a step of the run (or taken from a fitted model's file)
+        log.stage('pca', images=min(cfg.pca_images, n))
+        if cfg.pca_from:
+            from .hub.checkpoint import read_checkpoint, unwrap_state_dict
+            sd = unwrap_state_dict(read_checkpoint(cfg.pca_from))
+            model.tokenizer.load_state_dict({k.split('tokenizer.', 1)[1]: v for k, v in sd.items() if 'tokenizer.' in k})
         else:
-            fit_pca(model, dataset, args, rank, world, device)
+            _fit_pca(model, cfg, data, folder, rank, world, device)
         if ema is not None:
             ema.module.load_state_dict(model.state_dict())
 
-    if args.grad_checkpointing:
+    if cfg.grad_checkpointing:
         if not is_dae:
-            raise SystemExit('--grad-checkpointing is available for the l-DAE models')
+            raise ValueError('--grad-checkpointing is available for the l-DAE models')
         model.encoder.set_grad_checkpointing(True)  # the DAE runs all its blocks through the encoder's runner
-    net: nn.Module = model if is_dae else _DenoiseForward(model)
-    if args.compile:
+    net: nn.Module = TrainingObjective(model)
+    if cfg.compile:
         net = torch.compile(net)
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == 'cuda' else None)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatchSampler(len(dataset), args.batch_size, world, rank, args.accum_steps, args.seed,
-                                                start_step, total_steps),
-        num_workers=args.workers, pin_memory=device.type == 'cuda', persistent_workers=False)
+    amp = resolve_amp(cfg.amp, device)
+    batches = Batches(cfg, n, world, rank, start_step, total_steps, data, folder, device)
+    noise_shape = None
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    bad_loss = torch.zeros((), device=device)
+    log.stage('train', steps=total_steps, start=start_step, steps_per_epoch=steps_per_epoch, warmup_steps=warmup,
+              peak_lr=peak_lr, device=str(device), amp=bool(amp), world=world, in_memory=data is not None)
+    progress = _progress(total_steps, start_step, is_main and not cfg.quiet)
+    t0, seen, last, draws, loss, done = time.time(), 0, {}, None, None, start_step
 
-    amp_mode = 'off' if args.no_amp else args.amp
-    use_amp = amp_mode == 'bf16' or (amp_mode == 'auto' and device.type == 'cuda')
-    amp = dict(device_type=device.type, dtype=torch.bfloat16) if use_amp else None
-    progress = _progress(total_steps, start_step, is_main and not args.quiet)
-    step, micro, t0, seen, last = start_step, 0, time.time(), 0, {}
-    log_file = open(out / 'log.jsonl', 'a') if is_main else None
-    for images, _, seeds in loader:
-        images = images.to(device, non_blocking=True)
-        lr = lr_at(step, total_steps, warmup, peak_lr)
-        for group in opt.param_groups:
-            group['lr'] = lr
-        sync = micro == args.accum_steps - 1
-        ctx = net.no_sync() if (world > 1 and not sync) else _null()
+    def check_finite(step_now: int) -> None:
+        flag = bad.clone().float()
+        if world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            where = int(bad_step.item())
+            raise FloatingPointError(
+                f'non-finite loss ({bad_loss.item() if bool(bad) else "on another process"}) at step {where} '
+                f'(epoch {max(where, 0) // steps_per_epoch}); the run stopped and the last good checkpoint is kept: '
+                f'{ckpt_path if ckpt_path.exists() else "none written yet"}. Lower --lr / --blr, or check the data.')
+
+    for step, offset, images in batches:
+        micro_i = (offset % batches.part) // batches.micro
+        if micro_i == 0:
+            lr = lr_at(step, total_steps, warmup, peak_lr)
+            for group in opt.param_groups:
+                group['lr'] = lr
+        x = normalize(images)
+        if noise_shape is None:
+            noise_shape = tuple(model.noise_shape(x))
+        if micro_i == 0:
+            draws = step_draws(cfg, step, model, noise_shape, device)
+        sl = slice(offset, offset + len(x))
+        if data is not None and cfg.aug != 'center':
+            x = augment(x, cfg.aug, u=draws['crop'][sl])
+        sync = micro_i == cfg.accum_steps - 1
+        ctx = net.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
         with ctx:
-            with (torch.autocast(**amp) if amp else _null()):
-                loss = compute_loss(net, images, seeds.tolist())
-            flag = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=device)
-            if world > 1:
-                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            if flag.item() < 1:
-                raise FloatingPointError(
-                    f'non-finite loss ({loss.item()}) at step {step} (epoch {step // steps_per_epoch}); the run stopped '
-                    f'and the last good checkpoint is kept: {ckpt_path if ckpt_path.exists() else "none written yet"}. '
-                    f'Lower --lr / --blr, or check the data.')
-            (loss / args.accum_steps).backward()
-        micro += 1
-        seen += images.shape[0] * world
+            with torch.autocast(**amp) if amp else contextlib.nullcontext():
+                loss = net(x, draws['t'][sl], draws['noise'][sl])
+            (loss / cfg.accum_steps).backward()
+        is_bad = ~torch.isfinite(loss.detach())
+        first = is_bad & ~bad
+        bad_step.copy_(torch.where(first, torch.full_like(bad_step, step), bad_step))
+        bad_loss.copy_(torch.where(first, loss.detach().float(), bad_loss))
+        bad |= is_bad
+        seen += len(x) * world
         if not sync:
             continue
-        micro = 0
-        if args.clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        if cfg.clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(model, step=step)
         step += 1
-        progress(step)
-        if is_main and (step % args.log_every == 0 or step == total_steps):
+        done = step
+        progress.update(1)
+        is_log = step % cfg.log_every == 0 or step == total_steps
+        is_ckpt = step % cfg.ckpt_every == 0 or step == total_steps
+        if is_log or is_ckpt or step % cfg.nan_check_every == 0:
+            check_finite(step)
+        if is_main and is_log:
             dt = time.time() - t0
             last = dict(step=step, epoch=round(step / steps_per_epoch, 3), loss=round(loss.item(), 6), lr=lr,
-                        img_per_s=round(seen / max(dt, 1e-9), 2), elapsed_s=round(dt, 1))
-            print(json.dumps(last), flush=True)
-            log_file.write(json.dumps(last) + '\n')
-            log_file.flush()
-        if step % args.ckpt_every == 0 or step == total_steps:
+                        img_per_s=round(seen / max(dt, 1e-9), 1), elapsed_s=round(dt, 1))
+            log(**last)
+        if is_ckpt:
             if is_main:
-                state = dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, args=vars(args))
+                state = dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step,
+                             config=dataclasses.asdict(cfg))
                 if ema is not None:
                     state['ema'] = ema.module.state_dict()
                 save_checkpoint(ckpt_path, state)
             if world > 1:
                 dist.barrier()
-    if log_file:
-        log_file.close()
-    result = dict(step=step, total_steps=total_steps, last=last)
-    if is_main and step >= total_steps:
-        result['weights'] = str(export_final(model if ema is None else ema.module, args, out, is_dae))
+    progress.close()
+    result: Dict[str, Any] = dict(step=done, total_steps=total_steps, last=last)
+    if is_main and done >= total_steps:
+        log.stage('export')
+        result['weights'] = str(export_final(model if ema is None else ema.module, cfg, out, is_dae))
+    log.close()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return result
 
 
-def fit_pca(model: nn.Module, dataset: SeededImageFolder, args: argparse.Namespace, rank: int, world: int,
-            device: torch.device) -> None:
-    """Stream ``--pca-images`` images (epoch-0 order, this rank's share) into float64 sums; all-reduce; fit."""
-    n = min(args.pca_images, len(dataset))
-    perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed * 100_003)).tolist()[:n]
-    mine = perm[rank::world]
-    stats = model.tokenizer.new_stats()
-    g = torch.Generator().manual_seed(args.seed + 17 * rank)
-    for i in range(0, len(mine), 256):
-        batch = torch.stack([dataset[(0, j)][0] for j in mine[i:i + 256]])
-        model.tokenizer.accumulate(stats, batch, patches_per_image=args.pca_patches_per_image, generator=g)
-    stats.all_reduce(device=device if device.type == 'cuda' else None)
-    model.tokenizer.set_from_stats(stats)
-
-
-def export_final(model: nn.Module, args: argparse.Namespace, out: Path, is_dae: bool) -> Path:
-    """``model.safetensors`` (the whole model) and, for l-DAE, a loadable ``encoder/`` folder."""
+def export_final(model: nn.Module, cfg: TrainConfig, out: Path, is_dae: bool) -> Path:
+    """``model.safetensors`` (the whole model) and, for an l-DAE, ``encoder/``: its conditional encoder, with the
+    arguments (schedule and t included) that rebuild it, as a ``save_pretrained`` folder."""
     import timm
     from safetensors.torch import save_file
-    import ldae_models
+    from .hub.publish import save_pretrained
     path = out / 'model.safetensors'
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={'format': 'pt', 'architecture': args.model})
-    overrides = json.loads(args.model_args) if args.model_args else {}
+              metadata={'format': 'pt', 'architecture': cfg.model})
     if is_dae:
-        enc_args = {k: v for k, v in overrides.items() if k not in ('decoder_depth', 'target', 'noise_levels',
-                                                                    'single_sigma', 'residual_weight', 'loss_weight')}
-        if args.latent_dim:
-            enc_args['latent_dim'] = args.latent_dim
-        if args.noise_space:
-            enc_args['noise_space'] = args.noise_space
-        enc = timm.create_model(args.model, pretrained=True, merged=False, pretrained_cfg_overlay=dict(file=str(path)),
-                                **enc_args)
-        ldae_models.save_pretrained(enc, out / 'encoder', model_card=dict(
-            description=f'l-DAE encoder trained with ldae_models.train ({args.model}).',
-            training={k: v for k, v in vars(args).items() if k not in ('data_dir', 'out')}))
+        enc = timm.create_model(cfg.model, pretrained=True, merged=False, pretrained_cfg_overlay=dict(file=str(path)),
+                                **model.encoder_args)
+        save_pretrained(enc, out / 'encoder', model_card=dict(
+            description=f'l-DAE encoder ({cfg.model}) trained with ldae_models.train.',
+            training={k: v for k, v in dataclasses.asdict(cfg).items() if k not in ('data_root', 'out')}))
     return path
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
-
-
-def _progress(total: int, start: int, enabled: bool):
-    if not enabled or not sys.stderr.isatty():
-        return lambda step: None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return lambda step: None
-    bar = tqdm(total=total, initial=start, unit='step', dynamic_ncols=True)
-
-    def update(step: int) -> None:
-        bar.n = step
-        bar.refresh()
-    return update
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog='ldae-models train', description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--model', default='ldae_vit_tiny_patch4_32', help='an l-DAE name or a ddae_* UNet name')
-    ap.add_argument('--model-args', help='JSON object of model keyword arguments (e.g. a smaller depth)')
-    ap.add_argument('--data-dir', required=True, help='ImageFolder root (uses DIR/train when it exists)')
-    ap.add_argument('--out', required=True, help='output folder: checkpoints, log.jsonl, final weights')
-    ap.add_argument('--epochs', type=int, default=400, help='the paper: 400 (default), 800, 1600')
-    ap.add_argument('--max-steps', type=int, default=0, help='stop after this many steps instead (0: epochs)')
-    ap.add_argument('--batch-size', type=int, default=2048, help='global batch (the paper: 2048)')
-    ap.add_argument('--accum-steps', type=int, default=1, help='gradient accumulation micro-steps per step')
-    ap.add_argument('--blr', type=float, default=1e-4, help='base lr; lr = blr * batch / 256 (the paper)')
-    ap.add_argument('--lr', type=float, default=0.0, help='absolute lr (overrides --blr)')
-    ap.add_argument('--warmup-epochs', type=float, default=100, help='linear warmup (the paper: 100 of 400)')
-    ap.add_argument('--weight-decay', type=float, default=0.0, help='AdamW weight decay (the paper: none)')
-    ap.add_argument('--clip-grad', type=float, default=0.0, help='gradient norm clip (0: off)')
-    ap.add_argument('--ema', type=float, default=0.0, help='EMA decay, e.g. 0.9999 (0: off)')
-    ap.add_argument('--aug', choices=('center', 'rrc'), default='center', help='center crop (the paper) or random resized crop')
-    ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--workers', type=int, default=4)
-    ap.add_argument('--resume', action='store_true', help='continue from OUT/ckpt_last.pth when it exists')
-    ap.add_argument('--ckpt-every', type=int, default=1000, help='steps between checkpoints')
-    ap.add_argument('--log-every', type=int, default=50, help='steps between JSON log lines')
-    ap.add_argument('--compile', action='store_true', help='torch.compile the model')
-    ap.add_argument('--grad-checkpointing', action='store_true')
-    ap.add_argument('--amp', choices=['auto', 'bf16', 'off'], default='auto',
-                    help='bf16 autocast: auto = on GPU only; bf16 = also on CPU (about 1.25x faster on CPUs with '
-                         'AVX512-BF16/AMX); off = float32')
-    ap.add_argument('--no-amp', action='store_true', help='same as --amp off')
-    ap.add_argument('--quiet', action='store_true', help='no progress bar')
-    g = ap.add_argument_group('l-DAE (ablations of the paper; default: the final l-DAE)')
-    g.add_argument('--target', choices=('image', 'latent', 'noise'))
-    g.add_argument('--noise-space', choices=('latent', 'pixel'))
-    g.add_argument('--noise-levels', choices=('multi', 'single'))
-    g.add_argument('--latent-dim', type=int, help='d, kept PCA components')
-    g.add_argument('--latent-scale', choices=('global', 'whiten', 'none'))
-    g.add_argument('--residual-weight', type=float, help='loss weight of the discarded PCA components (0.1)')
-    g.add_argument('--pca-images', type=int, default=50_000, help='images streamed into the PCA fit')
-    g.add_argument('--pca-patches-per-image', type=int, default=None, help='random patches per image (default: all)')
-    g.add_argument('--pca-from', help='take the fitted tokenizer from this checkpoint instead of fitting')
-    return ap
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    train(args)
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 import ldae_models
 from ldae_models.features import ddae_grid_features, extract_features
 from ldae_models.models.ddae_unet import unet_diffusers_to_ddae
+from ldae_models.data import ImageData
 from ldae_models.probe import fit_linear_probe, grid_probe, plot_grid
 from conftest import fake_hf_cache, randomize_, rel_err
 
@@ -49,12 +50,12 @@ def test_matches_diffusers_unet2dmodel(which):
     cfg, kw = (GOOGLE_CFG, {}) if which == 'google' else (SMALL_CFG, SMALL)
     ref = diffusers_unet(cfg)
     model = timm.create_model('ddae_ddpm_cifar10_32', **kw).eval()
-    ldae_models.pretrained.load_state_dict_strict(model, unet_diffusers_to_ddae(ref.state_dict()))
+    ldae_models.hub.load_state_dict_strict(model, unet_diffusers_to_ddae(ref.state_dict()))
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([11, 730])
     pred, outs = decoder_outputs(ref, x, t)
     with torch.no_grad():
         assert rel_err(model.denoise(x, t), pred) < TOL
-        ours = model.forward_intermediates(x, t=t, noise=False, intermediates_only=True)
+        ours = model.forward_intermediates(x, t=t, noisy_input=False, intermediates_only=True)
     assert len(ours) == len(outs) == (12 if which == 'google' else 4)
     for a, b in zip(ours, outs):
         assert a.shape == b.shape and rel_err(a, b) < TOL
@@ -70,7 +71,7 @@ def test_old_diffusers_attention_names_convert_too():
         old[k] = v
     assert any('.query.' in k for k in old)
     model = timm.create_model('ddae_ddpm_cifar10_32', **SMALL).eval()
-    ldae_models.pretrained.load_state_dict_strict(model, unet_diffusers_to_ddae(old))
+    ldae_models.hub.load_state_dict_strict(model, unet_diffusers_to_ddae(old))
     x, t = torch.randn(1, 3, 32, 32), torch.tensor([5])
     with torch.no_grad():
         assert rel_err(model.denoise(x, t), ref(x, t).sample) < TOL
@@ -113,7 +114,7 @@ def test_features_default_and_noise_is_seeded():
         b = m(x, generator=torch.Generator().manual_seed(0))
         c = m(x, generator=torch.Generator().manual_seed(1))
         xt, _ = m.add_noise(x, 11, generator=torch.Generator().manual_seed(0))
-        clean_path = m.forward_intermediates(xt, t=11, indices=[1], noise=False, intermediates_only=True)[0]
+        clean_path = m.forward_intermediates(xt, t=11, indices=[1], noisy_input=False, intermediates_only=True)[0]
     assert a.shape == (3, 64) and torch.equal(a, b) and not torch.equal(a, c)
     assert rel_err(a, clean_path.mean((-2, -1))) < 1e-6  # model(x) = pooled out_k of the DDPM-noised input
     abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[11]
@@ -126,13 +127,13 @@ def test_grid_equals_separate_calls():
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     calls = []
     m.conv_in.register_forward_hook(lambda *a: calls.append(1))
-    grid = ddae_grid_features(m, x, out_ks=[1, 2, 4], ts=[1, 11, 21], noise=False)
+    grid = ddae_grid_features(m, x, out_ks=[1, 2, 4], ts=[1, 11, 21], noisy_input=False)
     assert len(calls) == 3 and len(grid) == 9
     for t in (1, 11, 21):
         for k in (1, 2, 4):
             m.out_k = k
             with torch.no_grad():
-                sep = m.forward_head(m.forward_intermediates(x, t=t, indices=[k - 1], noise=False,
+                sep = m.forward_head(m.forward_intermediates(x, t=t, indices=[k - 1], noisy_input=False,
                                                              intermediates_only=True)[0])
             assert torch.allclose(grid[(k, t)], sep, rtol=1e-5, atol=1e-6)
     for t in (1, 21):  # with noise: one grid call per t equals the model's own call with the same seed
@@ -150,17 +151,17 @@ def test_features_only():
 
 
 def test_edm_option():
-    m = small_model(noise_schedule='edm', t=0.06)
+    m = small_model(schedule='edm', t=0.06)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     xt, eps = m.add_noise(x, generator=torch.Generator().manual_seed(0))
     assert rel_err(xt, x + 0.06 * eps) < 1e-6
     sig = torch.tensor([0.06, 0.06])
-    x_in, t_in = m.network_input(xt, sig)
+    x_in, t_in = m.schedule.network_input(xt, sig)
     assert rel_err(x_in, xt / math.sqrt(0.06 ** 2 + 0.25)) < 1e-6
     assert torch.allclose(t_in, torch.log(sig) / 4)
     with torch.no_grad():
         assert m(x).shape == (2, 64)
-    with pytest.raises(ValueError, match='sigma and must be > 0'):
+    with pytest.raises(ValueError, match='noise level sigma and must be finite and > 0'):
         m(x, t=0.0)
 
 
@@ -188,7 +189,7 @@ def test_linear_probe_separable_set():
     centers = torch.randn(4, 16, generator=g) * 3
     y = torch.randint(0, 4, (400,), generator=g)
     x = centers[y] + torch.randn(400, 16, generator=g)
-    r = fit_linear_probe(x[:300], y[:300], x[300:], y[300:], epochs=20)
+    r = fit_linear_probe(x[:300], y[:300], x[300:], y[300:])
     assert r['top1'] > 95
 
 
@@ -196,13 +197,16 @@ def test_grid_probe_and_heat_map(tmp_path):
     pytest.importorskip('matplotlib')
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 2, (96,), generator=g)
-    # class 0 reddish, class 1 bluish (global pooling keeps colour; it would lose position)
-    img = torch.full((96, 3, 32, 32), -0.5)
-    img[y == 0, 0] = 0.5
-    img[y == 1, 2] = 0.5
-    img = img + 0.1 * torch.randn(img.shape, generator=g)
+    # class 0 reddish, class 1 bluish (global pooling keeps colour; it would lose position), as uint8 images
+    img = torch.full((96, 3, 32, 32), 64.0)
+    img[y == 0, 0] = 192
+    img[y == 1, 2] = 192
+    img = (img + 12 * torch.randn(img.shape, generator=g)).clamp(0, 255).to(torch.uint8)
     m = small_model()
-    res = grid_probe(m, (img[:64], y[:64]), (img[64:], y[64:]), layers=[0, 1], ts=[1, 11], noise=True, epochs=20)
-    assert set(res) == {(0, 1), (0, 11), (1, 1), (1, 11)} and min(res.values()) > 90
-    path = plot_grid(res, str(tmp_path / 'grid.png'), layer_label='decoder block (0-based)')
+    res = grid_probe(m, ImageData(img[:64], y[:64], ('red', 'blue')), ImageData(img[64:], y[64:], ('red', 'blue')),
+                     layers=[0, 1], ts=[1, 11], noisy_input=True, knn=True)
+    assert set(res) == {(0, 1), (0, 11), (1, 1), (1, 11)}
+    assert min(r['top1'] for r in res.values()) > 90 and min(r['knn_top1'] for r in res.values()) > 90
+    path = plot_grid({k: r['top1'] for k, r in res.items()}, str(tmp_path / 'grid.png'),
+                     layer_label='decoder block (0-based)')
     assert (tmp_path / 'grid.png').stat().st_size > 1000 and path.endswith('grid.png')

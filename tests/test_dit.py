@@ -37,6 +37,18 @@ def test_dit_matches_reference_block_by_block(t, y):
     assert rel_err(out, ref_out) < TOL
 
 
+def test_training_checkpoint_loads_its_ema_weights(tmp_path):
+    """A DiT training checkpoint {'model': ..., 'ema': ...} loads the EMA weights, through create_dit and timm."""
+    live, ema = tiny_dit(seed=1), tiny_dit(seed=2)
+    path = tmp_path / 'train.pt'
+    torch.save({'model': official_state_dict(live), 'ema': official_state_dict(ema), 'opt': {}, 'args': 3}, path)
+    full = ldae_models.create_dit('dit_s_patch2_256', checkpoint=str(path), **TINY_DIT)
+    assert torch.equal(full.blocks[0].attn.qkv.weight, ema.blocks[0].attn.qkv.weight)
+    enc = timm.create_model('dit_s_patch2_256', pretrained=True, merged=False,
+                            pretrained_cfg_overlay=dict(file=str(path)), **TINY_ENC)
+    assert torch.equal(enc.blocks[1].mlp.fc1.weight, ema.blocks[1].mlp.fc1.weight)
+
+
 def test_official_layout_loads_through_timm_and_create_dit(tmp_path):
     dit = tiny_dit()
     sd = official_state_dict(dit)
@@ -88,7 +100,7 @@ def _diffusers_dit(seed=0):
 def _as_official(m):
     sd = dit_diffusers_to_official(m.state_dict())
     dit = ldae_models.create_dit('dit_s_patch2_256', **TINY_DIT)
-    ldae_models.pretrained.load_state_dict_strict(dit, {**sd, 'pos_embed': dit.pos_embed})
+    ldae_models.hub.load_state_dict_strict(dit, {**sd, 'pos_embed': dit.pos_embed})
     return dit.eval()
 
 
@@ -198,11 +210,34 @@ def test_noise_follows_ddpm_schedule():
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     abar = torch.prod(1 - betas[:122])
     assert rel_err(xt, (abar.sqrt() * x + (1 - abar).sqrt() * eps).float()) < 1e-6
-    wrapped = timm.create_model('dit_s_patch2_256', noise=True, **{**TINY_ENC, 't': 121})
-    assert isinstance(wrapped, ldae_models.DiffusionInput) and wrapped.noise_t == 121
+    enc = enc.eval()
+    wrapped = timm.create_model('dit_s_patch2_256', noisy_input=True, **{**TINY_ENC, 't': 121})
+    assert isinstance(wrapped, ldae_models.DiffusionInput) and wrapped.noisy_input and wrapped.t == 121
     a = wrapped(x, generator=torch.Generator().manual_seed(1))
     b = wrapped(x, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and not torch.equal(a, wrapped.model(x))
+    # the conditional encoder noises by itself, with the same draw
+    cond = timm.create_model('dit_s_patch2_256', merged=False, noisy_input=True, **{**TINY_ENC, 't': 121})
+    cond.load_state_dict(enc.state_dict())
+    with torch.no_grad():
+        xt_same = enc.add_noise(x, generator=torch.Generator().manual_seed(1))[0]
+        assert rel_err(cond(x, generator=torch.Generator().manual_seed(1)), enc(xt_same)) < 1e-6
+
+
+def test_ddae_preset_can_be_tapped():
+    """DDAE's preset (merged, noisy input at t = 121) answers the encoder contract: block 13 of a 28-block DiT."""
+    with torch.device('meta'):
+        assert len(timm.create_model('dit_xl_patch2_256', **ldae_models.DDAE_DIT_PRESET).blocks) == 14
+    m = timm.create_model('dit_s_patch2_256', **{**ldae_models.DDAE_DIT_PRESET, **TINY_ENC, 'y': 10}).eval()
+    randomize_(m, seed=2)
+    x = torch.randn(2, 4, 8, 8)
+    a = ldae_models.extract_features(m, x, layers=[0, 1], generator=torch.Generator().manual_seed(0))
+    b = ldae_models.extract_features(m, x, layers=[0, 1], generator=torch.Generator().manual_seed(0))
+    clean = ldae_models.extract_features(m, x, layers=[1], noisy_input=False)
+    assert set(a) == {(0, 121.0), (1, 121.0)} and torch.equal(a[(1, 121.0)], b[(1, 121.0)])
+    assert not torch.allclose(a[(1, 121.0)], clean[(1, 121.0)])  # noisy by default
+    with pytest.raises(ValueError, match='merged at'):
+        ldae_models.extract_features(m, x, layers=[0], ts=[10])
 
 
 def test_vae_attached_takes_images():
@@ -233,9 +268,11 @@ def test_registry_tags_and_ddae_preset():
     assert cfg.url.endswith('DiT-XL-2-256x256.pt') and cfg.license == 'cc-by-nc-4.0'
     assert any('class labels' in n for n in cfg.notes)
     with torch.device('meta'):
-        m = timm.create_model('dit_xl_patch2_256', merged=False, **ldae_models.DDAE_DIT_PRESET)
-    assert isinstance(m, ldae_models.DiffusionInput) and m.noise_t == 121
-    assert len(m.model.blocks) == 14 and m.model.t == 121 and m.model.y == 1000 and m.model.embed_dim == 1152
+        m = timm.create_model('dit_xl_patch2_256', **ldae_models.DDAE_DIT_PRESET)  # merged: the input stage noises
+        c = timm.create_model('dit_xl_patch2_256', merged=False, **ldae_models.DDAE_DIT_PRESET)  # noises by itself
+    assert isinstance(m, ldae_models.DiffusionInput) and m.noisy_input and m.t == 121
+    assert len(m.model.blocks) == 14 and m.model.t == 121 and m.model.embed_dim == 1152
+    assert isinstance(c, ldae_models.DiTEncoder) and c.noisy_input and c.t == 121 and c.y == 1000
     with torch.device('meta'):
         d = timm.create_model('dit_xl_patch2_256', merged=False)
     assert len(d.blocks) == 14 and d.t == 121 and d.y == 1000  # the documented default
@@ -255,7 +292,8 @@ def test_dit_bad_inputs():
         dit(torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.tensor([11]))
     with pytest.raises(ValueError, match='label y'):
         timm.create_model('dit_s_patch2_256', **{**TINY_ENC, 'y': 11})
-    with pytest.raises(ValueError, match='expected 4 input channels'):
-        timm.create_model('dit_s_patch2_256', merged=False, **TINY_ENC)(torch.randn(1, 3, 8, 8))
+    for merged in (False, True):  # the message teaches what a DiT encoder wants
+        with pytest.raises(ValueError, match=r'SD-VAE latents \(4 x 8 x 8 for 64 px images\).*vae='):
+            timm.create_model('dit_s_patch2_256', merged=merged, **TINY_ENC)(torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match='unknown DiT'):
         ldae_models.create_dit('dit_xxl_patch2_256')

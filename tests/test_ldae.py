@@ -9,6 +9,7 @@ from timm.models import VisionTransformer
 
 import ldae_models
 from ldae_models.layers import patchify
+from ldae_models.models import MergedViT
 from conftest import TINY, randomize_, rel_err, smooth_images
 from reference import reference_encoder
 
@@ -36,7 +37,7 @@ def test_conditional_encoder_matches_reference(t):
 def test_merged_matches_conditional(t):
     enc = tiny_encoder(seed=t)
     vit = enc.merge(t)
-    assert type(vit) is VisionTransformer and vit.merged_t == t
+    assert isinstance(vit, VisionTransformer) and isinstance(vit, MergedViT) and vit.t == t
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert rel_err(vit(x), enc(x, t)) < TOL
@@ -47,14 +48,26 @@ def test_merged_matches_conditional(t):
         assert a.shape == b.shape == (4, 32, 4, 4) and rel_err(b, a) < TOL
 
 
-def test_create_model_merged_default_equals_conditional_merge():
+def test_merged_skeleton_is_the_fold_of_a_fresh_encoder():
+    """Without weights the merged model is built without a fold; it has exactly the structure the fold of a freshly
+    initialised adaLN-Zero encoder has: unit LayerNorms, zero attention and MLP outputs (identity blocks), the same
+    sin-cos positions, xavier-scaled qkv and fc1."""
     torch.manual_seed(3)
-    a = timm.create_model('ldae_vit_tiny_patch4_32', **TINY_ENC)
-    torch.manual_seed(3)
-    b = timm.create_model('ldae_vit_tiny_patch4_32', merged=False, **TINY_ENC).merge()
-    assert isinstance(a, VisionTransformer)
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    skeleton = timm.create_model('ldae_vit_tiny_patch4_32', **TINY_ENC)
+    folded = timm.create_model('ldae_vit_tiny_patch4_32', merged=False, **TINY_ENC).merge()
+    assert isinstance(skeleton, MergedViT) and skeleton.t == folded.t == 10
+    sa, sb = skeleton.state_dict(), folded.state_dict()
+    assert sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
+    for k in sa:
+        if k.endswith(('norm1.weight', 'norm2.weight', 'norm1.bias', 'norm2.bias', 'proj.bias', 'fc2.weight',
+                       'fc2.bias', 'fc1.bias', 'qkv.bias', 'attn.proj.weight')) or k == 'pos_embed':
+            assert torch.equal(sa[k], sb[k]), k  # the deterministic part of the fold is identical
+        else:  # random: the same scale (xavier), other draws
+            assert torch.isfinite(sa[k]).all() and abs(sa[k].std() / sb[k].std() - 1) < 0.2, k
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert rel_err(skeleton.forward_features(x), skeleton.patch_embed(x)
+                       + skeleton.pos_embed) < 1e-6  # identity blocks
 
 
 def test_merged_with_t_kwarg_and_dynamic_size():
@@ -66,9 +79,7 @@ def test_merged_with_t_kwarg_and_dynamic_size():
             assert rel_err(vit(x), enc(x, 40)) < TOL
 
 
-def test_dae_encoder_shares_weights(tiny_dae):
-    enc_params = {id(p) for p in tiny_dae.encoder.parameters()}
-    assert enc_params <= {id(p) for p in tiny_dae.parameters()}
+def test_dae_blocks_are_encoder_then_decoder(tiny_dae):
     x = smooth_images(2)
     with torch.no_grad():
         inter = tiny_dae.forward_intermediates(x, t=10, indices=[0, 1], intermediates_only=True)
@@ -105,7 +116,7 @@ def test_final_loss_formula(tiny_dae):
     r = patchify(x - out['pred'], 4) @ V.T
     w = torch.full((48,), 0.1)
     w[:6] = 1
-    sigma = math.sqrt(2) * out['t'].float() / 999
+    sigma = math.sqrt(2) * out['t'].float() / 999  # the linear-sigma schedule, written out
     expected = ((r ** 2 * w).mean(-1).mean(1) / (1 + sigma ** 2)).mean()
     assert abs(out['loss'].item() - expected.item()) < 1e-5 * expected.item()
 
@@ -123,8 +134,9 @@ def test_latent_noise_input(tiny_dae):
 
 @pytest.mark.parametrize('kw', [
     dict(target='latent'), dict(target='noise'), dict(noise_space='pixel'),
-    dict(noise_space='pixel', target='noise'), dict(noise_levels='single'), dict(latent_dim=48),
-    dict(latent_scale='whiten'), dict(adaln_hidden_ratio=None),
+    dict(noise_space='pixel', target='noise'), dict(schedule='single'), dict(latent_dim=48),
+    dict(latent_scale='whiten'), dict(adaln_hidden_ratio=None), dict(schedule='vp_linear', target='noise'),
+    dict(schedule='vp_linear', target='latent'),
 ])
 def test_ablation_switches(kw):
     dae = ldae_models.LatentDAE(**{**TINY, **kw})
@@ -132,9 +144,17 @@ def test_ablation_switches(kw):
     randomize_(dae, seed=1)
     out = dae(smooth_images(3, seed=5), generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out['loss']) and out['loss'] > 0 and out['pred'].shape == (3, 3, 16, 16)
-    if kw.get('noise_levels') == 'single':
-        assert torch.allclose(out['sigma'], torch.full((3,), math.sqrt(1 / 3)))
-        assert dae.encoder.t == round(math.sqrt(1 / 3) / math.sqrt(2) * 999)
+    if kw.get('schedule') == 'single':
+        assert torch.allclose(dae.schedule.coefficients(out['t'])[1], torch.full((3,), math.sqrt(1 / 3)))
+        assert dae.encoder.t == round(math.sqrt(1 / 3) / math.sqrt(2) * 999) == 408
+        assert torch.equal(out['t'], torch.full((3,), 408.0))  # conditioned on its own t
+    if kw.get('schedule') == 'vp_linear':  # input scaling: the clean latent is scaled by gamma_t
+        z = dae.tokenizer.encode(smooth_images(3, seed=5))
+        t = torch.tensor([0.0, 500.0, 999.0])
+        noisy, eps = dae.add_noise(smooth_images(3, seed=5), t, generator=torch.Generator().manual_seed(1))
+        gamma2 = 1 - (t + 1) / 1000
+        expect = gamma2.sqrt()[:, None, None] * z + (1 - gamma2).sqrt()[:, None, None] * eps
+        assert rel_err(dae.tokenizer.encode(noisy), expect) < 1e-4
 
 
 def test_latent_target_ignores_discarded_components(tiny_dae):
@@ -142,7 +162,7 @@ def test_latent_target_ignores_discarded_components(tiny_dae):
     x = smooth_images(2, seed=3)
     tok = tiny_dae.tokenizer
     pred = tok.project(x)
-    per = tiny_dae.compute_loss(pred + 0 * x, x, None, torch.zeros(2))
+    per = tiny_dae.compute_loss(pred + 0 * x, x, None, torch.zeros(2))  # t = 0
     assert per.abs().max() < 1e-10
 
 
@@ -262,7 +282,7 @@ def test_extract_features_one_pass_per_t():
 def test_extract_features_noise_is_seeded(tiny_dae):
     enc = tiny_dae.encoder
     x = smooth_images(2)
-    kw = dict(layers=1, ts=[10, 500], noise=True)
+    kw = dict(layers=1, ts=[10, 500], noisy_input=True)
     a = ldae_models.extract_features(enc, x, generator=torch.Generator().manual_seed(0), **kw)
     b = ldae_models.extract_features(enc, x, generator=torch.Generator().manual_seed(0), **kw)
     c = ldae_models.extract_features(enc, x, generator=torch.Generator().manual_seed(1), **kw)
@@ -309,8 +329,12 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match='not divisible'):
         tiny_encoder(dynamic_img_size=True)(torch.randn(1, 3, 18, 18))
     vit = enc.merge()
-    with pytest.raises(AssertionError, match="doesn't match model"):
+    with pytest.raises(ValueError, match='expected 16x16 inputs, got 24x24'):
         vit(torch.randn(1, 3, 24, 24))
+    with pytest.raises(ValueError, match='merged l-DAE encoder cannot add'):
+        timm.create_model('ldae_vit_tiny_patch4_32', noisy_input=True, **TINY_ENC)
+    with pytest.raises(ValueError, match='unknown noise schedule'):
+        ldae_models.create_dae('ldae_vit_tiny_patch4_32', schedule='cosine')
     with pytest.raises(RuntimeError, match='not fitted'):
         ldae_models.create_dae('ldae_vit_tiny_patch4_32', **TINY)(smooth_images(1))
     with pytest.raises(ValueError, match='target'):

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import ldae_models
-from ldae_models.pretrained import CheckpointError, ChecksumError, cfg_sha256, resolve_weights_file, sha256_of
+from ldae_models.hub import CheckpointError, ChecksumError, WeightSource, cfg_sha256, sha256_of, weight_source
 from conftest import rel_err, smooth_images
 
 TAG = 'ldae_vit_tiny_patch4_32.cifar10'
@@ -37,7 +37,7 @@ def test_package_stays_under_30_mb():
 def test_encoder_loads_offline_merged_equals_conditional():
     vit = timm.create_model(TAG, pretrained=True).eval()
     enc = timm.create_model(TAG, pretrained=True, merged=False).eval()
-    assert type(vit).__name__ == 'VisionTransformer'
+    assert isinstance(vit, timm.models.VisionTransformer) and vit.t == 10
     x = smooth_images(4, size=32, seed=3)
     with torch.no_grad():
         f = vit(x)
@@ -87,16 +87,19 @@ def test_overlay_file_is_not_checked_against_the_tags_sha256(cfg, tmp_path):
     flipped = tmp_path / 'flipped.safetensors'
     flipped.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(ChecksumError, match='sha256 mismatch'):
-        resolve_weights_file(dict(file=str(flipped), notes=cfg['notes']))
-    assert resolve_weights_file(cfg) == Path(cfg['file'])
+        WeightSource('file', str(flipped), sha256=cfg_sha256(cfg)).fetch()
+    assert flipped.exists()  # a file of the user's is reported, not deleted
+    assert weight_source(cfg).fetch() == Path(cfg['file'])
 
 
 def test_create_dae_errors_name_the_problem():
     with pytest.raises(ValueError, match='unknown pretrained tag'):
         ldae_models.create_dae('ldae_vit_tiny_patch4_32.imagenet', pretrained=True)
+    with pytest.raises(CheckpointError, match='weight file not found'):
+        ldae_models.create_dae('ldae_vit_tiny_patch4_32', checkpoint='/nonexistent/model.safetensors')
     with pytest.raises(ldae_models.CheckpointError, match='no pretrained weights exist'):
         ldae_models.create_dae('ldae_vit_base_patch16_256', pretrained=True, depth=1)
-    with pytest.raises(ldae_models.CheckpointMismatchError, match='do not hold the full DAE'):
+    with pytest.raises(ldae_models.CheckpointMismatchError, match='does not hold the full DAE'):
         ldae_models.create_dae(TAG, pretrained=True, depth=2)
 
 
@@ -107,7 +110,9 @@ def test_demo_command_offline(tmp_path, capsys):
     from ldae_models.cli import main
     assert main(['demo', '--out-dir', str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert 'pretrained weights' in out and 'denoised MSE' in out
+    assert 'pretrained weights' in out and 'wrote' in out
+    mses = [line.split('MSE noised ')[1].split(' -> denoised ') for line in out.splitlines() if 'MSE noised' in line]
+    assert len(mses) == 3 and all(float(b) < 0.7 * float(a) for a, b in mses)  # the figure shows denoising helped
     feats = load_file(str(tmp_path / 'features.safetensors'))
     assert set(feats) == {f'layer{b}_t{t}' for b in (5, 11) for t in (0, 10, 80)}
     assert all(v.shape == (3, 192) and torch.isfinite(v).all() for v in feats.values())

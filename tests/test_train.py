@@ -1,9 +1,13 @@
-"""The training script and the probe command on synthetic ImageFolder data, on the CPU."""
+"""Training on a synthetic ImageFolder on the CPU: the config, both data paths, exact resume, N processes = 1, the
+schedule, precision, the NaN stop, the UNet objective; and the probe command on the result."""
+import dataclasses
 import json
+import math
 import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,8 +16,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import ldae_models  # noqa: F401  (registers the models)
+import ldae_models
 from ldae_models import train as T
+from ldae_models.cli import main
+from conftest import TINY, randomize_, rel_err, smooth_images
 
 TINY_ARGS = json.dumps(dict(img_size=16, embed_dim=32, depth=2, num_heads=2, latent_dim=6))
 REPO = Path(__file__).resolve().parents[1]
@@ -36,21 +42,35 @@ def folder(tmp_path_factory):
 
 
 def base_args(folder, out, *extra):
-    return ['--data-dir', str(folder), '--out', str(out), '--model-args', TINY_ARGS, '--batch-size', '8',
+    return ['--data-root', str(folder), '--out', str(out), '--model-args', TINY_ARGS, '--batch-size', '8',
             '--epochs', '2', '--warmup-epochs', '1', '--workers', '0', '--log-every', '1', '--ckpt-every', '2',
             '--ema', '0.9', '--pca-images', '40', '--quiet', *extra]
 
 
-def run_script(args, env=None, module='ldae_models.train', wrapper=None):
-    cmd = [sys.executable] + (['-c', wrapper] if wrapper else ['-m', module]) + args
+def config(folder, out, *extra):
+    """The TrainConfig the command line builds from these arguments."""
+    from ldae_models.cli import build_parser
+    args = build_parser().parse_args(['train', *base_args(folder, out, *extra)])
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(T.TrainConfig)}
+    return T.TrainConfig(**{**values, 'model_args': values['model_args'] or {}})
+
+
+def run_script(args, env=None, wrapper=None):
+    cmd = [sys.executable] + (['-c', wrapper] if wrapper else ['-m', 'ldae_models', 'train']) + args
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})})
 
 
+def logs(out):
+    return [json.loads(line) for line in (Path(out) / 'log.jsonl').read_text().splitlines()]
+
+
 def test_training_steps_and_loadable_result(folder, tmp_path):
-    res = T.train(T.build_parser().parse_args(base_args(folder, tmp_path / 'run')))
+    res = T.train(config(folder, tmp_path / 'run'))
     assert res['step'] == 10 == res['total_steps']  # 40 images / 8 per step x 2 epochs
-    logs = [json.loads(l) for l in (tmp_path / 'run/log.jsonl').read_text().splitlines()]
-    assert len(logs) == 10 and all(l['loss'] > 0 for l in logs)
+    steps = [r for r in logs(tmp_path / 'run') if 'loss' in r]
+    assert len(steps) == 10 and all(r['loss'] > 0 and 'lr' in r for r in steps)
+    stages = [r['stage'] for r in logs(tmp_path / 'run') if r.get('event') == 'stage']
+    assert stages == ['data', 'pca', 'train', 'export']
     enc = timm.create_model('ldae_vit_tiny_patch4_32', pretrained=True, merged=False, img_size=16, embed_dim=32,
                             depth=2, num_heads=2, latent_dim=6,
                             pretrained_cfg_overlay=dict(file=str(tmp_path / 'run/model.safetensors')))
@@ -58,28 +78,69 @@ def test_training_steps_and_loadable_result(folder, tmp_path):
     back = timm.create_model(f'local-dir:{tmp_path / "run/encoder"}', pretrained=True)
     assert back(torch.randn(1, 3, 16, 16)).shape == (1, 32)
     ckpt = torch.load(tmp_path / 'run' / T.CKPT_NAME, weights_only=True)  # plain containers and tensors only
-    assert ckpt['step'] == 10 and 'ema' in ckpt and 'optimizer' in ckpt
-    # the denoising figure of the trained DAE (clean / noisy / denoised)
-    from ldae_models.cli import main
+    assert ckpt['step'] == 10 and 'ema' in ckpt and 'optimizer' in ckpt and ckpt['config']['model_args'] == json.loads(
+        TINY_ARGS)
     img = next((folder / 'test' / 'class0').iterdir())
     assert main(['denoise', '--checkpoint', str(tmp_path / 'run/model.safetensors'), '--model-args', TINY_ARGS,
                  '--images', str(img), str(img), '--out', str(tmp_path / 'fig.png')]) == 0
-    from PIL import Image as _I
-    assert _I.open(tmp_path / 'fig.png').size == (3 * 128 + 4 * 2, 2 * 128 + 3 * 2)
+    assert (tmp_path / 'fig.png').stat().st_size > 5000
 
 
-def test_bf16_autocast_on_cpu(folder, tmp_path):
-    """--amp bf16 runs the step under CPU autocast (faster on CPUs with AVX512-BF16/AMX); the loss stays close."""
-    args = base_args(folder, tmp_path / 'a', '--max-steps', '2', '--ema', '0')
-    fp32 = T.train(T.build_parser().parse_args(args))['last']['loss']
-    bf16 = T.train(T.build_parser().parse_args(base_args(folder, tmp_path / 'b', '--max-steps', '2', '--ema', '0',
-                                                         '--amp', 'bf16')))['last']['loss']
-    assert bf16 != fp32 and abs(bf16 - fp32) < 0.05 * fp32, (bf16, fp32)  # bf16 matmuls: close, not equal
+def test_streaming_path_equals_the_in_memory_path(folder, tmp_path):
+    """The DataLoader path (ImageNet-scale folders) and the device-resident path draw the same batches, t and noise."""
+    T.train(config(folder, tmp_path / 'mem', '--max-steps', '3', '--in-memory', 'yes'))
+    T.train(config(folder, tmp_path / 'stream', '--max-steps', '3', '--in-memory', 'no'))
+    a, b = load_file(str(tmp_path / 'mem/model.safetensors')), load_file(str(tmp_path / 'stream/model.safetensors'))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_schedule_follows_the_runs_real_length(folder, tmp_path):
+    """--max-steps lays warmup and cosine over the steps that run (not over --epochs): the peak is reached and the lr
+    decays to about 0, and every log line shows it."""
+    T.train(config(folder, tmp_path / 's', '--max-steps', '8', '--epochs', '400', '--warmup-epochs', '100',
+                   '--lr', '1e-3'))
+    lrs = [r['lr'] for r in logs(tmp_path / 's') if 'lr' in r]
+    assert len(lrs) == 8 and max(lrs) == pytest.approx(1e-3) and lrs.index(max(lrs)) == 1  # 2 warmup steps of 8
+    assert lrs[-1] < 0.1 * max(lrs)
+    assert lrs == [T.lr_at(s, 8, 2, 1e-3) for s in range(8)]
+
+
+def test_bf16_falls_back_with_a_warning_on_a_cpu_without_bf16(folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(T, 'cpu_has_native_bf16', lambda: False)
+    with pytest.warns(UserWarning, match='no native bf16'):
+        assert T.resolve_amp('bf16', torch.device('cpu')) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert T.resolve_amp('auto', torch.device('cpu')) is None  # auto: silently float32
+    monkeypatch.setattr(T, 'cpu_has_native_bf16', lambda: True)
+    assert T.resolve_amp('bf16', torch.device('cpu')) == dict(device_type='cpu', dtype=torch.bfloat16)
+    assert T.resolve_amp('off', torch.device('cpu')) is None
+
+
+def test_tokenizer_and_loss_stay_float32_under_autocast():
+    """Under bf16 autocast the PCA tokenizer and the loss compute in float32: the noisy input at t = 5 (noise smaller
+    than bf16's rounding of a pixel) and the loss are exactly those of float32."""
+    torch.manual_seed(0)
+    dae = ldae_models.LatentDAE(**TINY)
+    dae.fit_tokenizer([smooth_images(8, seed=s) for s in range(3)])
+    randomize_(dae, seed=3)
+    x, t = smooth_images(4, seed=9), torch.full((4,), 5.0)
+    noise = torch.randn(4, 16, 6)
+    ref_noisy = dae.noise_input(x, t, noise=noise)[0]
+    pred = dae._denoise(ref_noisy, t)
+    ref_loss = dae.compute_loss(pred, x, noise, t)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        noisy = dae.noise_input(x, t, noise=noise)[0]
+        loss = dae.compute_loss(pred.bfloat16(), x, noise, t)
+    assert noisy.dtype == torch.float32 and torch.equal(noisy, ref_noisy)
+    assert loss.dtype == torch.float32 and rel_err(loss, ref_loss) < 1e-2  # only pred's bf16 rounding remains
+    assert (ref_noisy - x).abs().max() < 2.0
 
 
 _KILLER = '''
 import os, signal, sys
 import ldae_models.train as T
+from ldae_models.cli import main
 orig, n = T.save_checkpoint, [0]
 def save_then_die(path, state):
     orig(path, state)
@@ -87,18 +148,20 @@ def save_then_die(path, state):
     if n[0] == int(os.environ["KILL_AFTER_SAVES"]):
         os.kill(os.getpid(), signal.SIGKILL)  # a hard kill, right after a checkpoint
 T.save_checkpoint = save_then_die
-sys.exit(T.main(sys.argv[1:]))
+sys.exit(main(['train'] + sys.argv[1:]))
 '''
 
 
-def test_killed_run_resumes_to_the_uninterrupted_state(folder, tmp_path):
-    full = run_script(base_args(folder, tmp_path / 'full'))
+@pytest.mark.parametrize('aug', ['center', 'rrc'])
+def test_killed_run_resumes_to_the_uninterrupted_state(folder, tmp_path, aug):
+    full = run_script(base_args(folder, tmp_path / 'full', '--aug', aug))
     assert full.returncode == 0, full.stderr
-    killed = run_script(base_args(folder, tmp_path / 'cut'), env={'KILL_AFTER_SAVES': '2'}, wrapper=_KILLER)
+    killed = run_script(base_args(folder, tmp_path / 'cut', '--aug', aug), env={'KILL_AFTER_SAVES': '2'},
+                        wrapper=_KILLER)
     assert killed.returncode == -9
     assert torch.load(tmp_path / 'cut' / T.CKPT_NAME, weights_only=True)['step'] == 4
     assert not (tmp_path / 'cut/model.safetensors').exists()
-    resumed = run_script(base_args(folder, tmp_path / 'cut', '--resume'))
+    resumed = run_script(base_args(folder, tmp_path / 'cut', '--aug', aug, '--resume'))
     assert resumed.returncode == 0, resumed.stderr
     assert '"event": "resumed", "step": 4' in resumed.stdout
     a = torch.load(tmp_path / 'full' / T.CKPT_NAME, weights_only=True)
@@ -118,10 +181,10 @@ def _free_port():
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(folder, tmp_path):
-    one = run_script(base_args(folder, tmp_path / 'one'))
+    one = run_script(base_args(folder, tmp_path / 'one', '--aug', 'rrc'))
     assert one.returncode == 0, one.stderr
     cmd = ['-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr', '127.0.0.1', '--master_port',
-           str(_free_port()), '-m', 'ldae_models.train'] + base_args(folder, tmp_path / 'two')
+           str(_free_port()), '-m', 'ldae_models', 'train'] + base_args(folder, tmp_path / 'two', '--aug', 'rrc')
     two = subprocess.run([sys.executable] + cmd, capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert two.returncode == 0, two.stderr[-3000:]
@@ -132,58 +195,71 @@ def test_two_processes_equal_one_with_the_same_global_batch(folder, tmp_path):
 
 
 def test_gradient_accumulation_matches_one_big_batch(folder, tmp_path):
-    T.train(T.build_parser().parse_args(base_args(folder, tmp_path / 'a', '--max-steps', '3')))
-    T.train(T.build_parser().parse_args(base_args(folder, tmp_path / 'b', '--max-steps', '3', '--accum-steps', '2')))
+    T.train(config(folder, tmp_path / 'a', '--max-steps', '3'))
+    T.train(config(folder, tmp_path / 'b', '--max-steps', '3', '--accum-steps', '2'))
     a, b = load_file(str(tmp_path / 'a/model.safetensors')), load_file(str(tmp_path / 'b/model.safetensors'))
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path, monkeypatch):
     out = tmp_path / 'nan'
-    original = T.compute_loss
+    original = ldae_models.LatentDAE.training_loss
     calls = [0]
 
-    def poisoned(net, images, seeds):
+    def poisoned(self, images, t, noise):
         calls[0] += 1
-        loss = original(net, images, seeds)
+        loss = original(self, images, t, noise)
         return loss * float('nan') if calls[0] == 6 else loss  # the 6th step goes bad
 
-    monkeypatch.setattr(T, 'compute_loss', poisoned)
+    monkeypatch.setattr(ldae_models.LatentDAE, 'training_loss', poisoned)
     with pytest.raises(FloatingPointError, match=r'non-finite loss \(nan\) at step 5.*last good checkpoint is kept'):
-        T.train(T.build_parser().parse_args(base_args(folder, out)))
+        T.train(config(folder, out, '--log-every', '100', '--nan-check-every', '100'))  # read at the checkpoint
     good = torch.load(out / T.CKPT_NAME, weights_only=True)
     assert good['step'] == 4 and all(torch.isfinite(v).all() for v in good['model'].values())
     assert not (out / 'model.safetensors').exists()
 
 
 def test_ddpm_objective_for_a_unet(folder, tmp_path):
-    args = ['--model', 'ddae_ddpm_cifar10_32', '--data-dir', str(folder), '--out', str(tmp_path / 'unet'),
-            '--model-args', json.dumps(dict(img_size=16, base_channels=16, channel_mult=[1, 2], num_res_blocks=1,
-                                            norm_groups=4, attn_resolutions=[8])),
-            '--batch-size', '8', '--max-steps', '3', '--warmup-epochs', '0', '--workers', '0', '--quiet', '--lr', '1e-3']
-    res = T.train(T.build_parser().parse_args(args))
+    cfg = config(folder, tmp_path / 'unet', '--model', 'ddae_ddpm_cifar10_32', '--max-steps', '3', '--warmup-epochs',
+                 '0', '--lr', '1e-3', '--ema', '0')
+    cfg.model_args = dict(img_size=16, base_channels=16, channel_mult=[1, 2], num_res_blocks=1, norm_groups=4,
+                          attn_resolutions=[8])
+    res = T.train(cfg)
     assert res['step'] == 3 and res['last']['loss'] > 0
-    sd = load_file(res['weights'])
-    assert 'up.0.blocks.0.res.conv1.weight' in sd
+    assert 'up.0.blocks.0.res.conv1.weight' in load_file(res['weights'])
+
+
+def test_single_level_encoder_carries_its_t(folder, tmp_path):
+    """The single-level ablation trains at t = 408; its exported encoder defaults to that t, not 10."""
+    T.train(config(folder, tmp_path / 'single', '--schedule', 'single', '--max-steps', '2'))
+    enc = timm.create_model(f'local-dir:{tmp_path / "single/encoder"}', pretrained=True)
+    assert enc.t == 408 and enc.schedule.name == 'single'
+    cfg = json.loads((tmp_path / 'single/encoder/config.json').read_text())
+    assert cfg['model_args']['t'] == 408 and cfg['model_args']['schedule'] == 'single'
 
 
 def test_bad_arguments(folder, tmp_path):
-    with pytest.raises(SystemExit, match='larger than the dataset'):
-        T.train(T.build_parser().parse_args(base_args(folder, tmp_path / 'x') + ['--batch-size', '64']))
-    with pytest.raises(SystemExit, match='divisible'):
-        T.train(T.build_parser().parse_args(base_args(folder, tmp_path / 'y') + ['--accum-steps', '3']))
-    with pytest.raises(SystemExit, match='not found'):
-        T.train(T.build_parser().parse_args(base_args(tmp_path / 'nope', tmp_path / 'z')))
+    with pytest.raises(ValueError, match='larger than the data set'):
+        T.train(config(folder, tmp_path / 'x', '--batch-size', '64'))
+    with pytest.raises(ValueError, match='divisible'):
+        T.train(config(folder, tmp_path / 'y', '--accum-steps', '3'))
+    with pytest.raises(FileNotFoundError):
+        T.train(config(tmp_path / 'nope', tmp_path / 'z'))
 
 
 def test_probe_fast_and_grid_on_a_separable_set(folder, tmp_path):
-    from ldae_models.cli import main
     out = tmp_path / 'probe.json'
-    assert main(['probe', '--model', 'ldae_vit_tiny_patch4_32', '--model-args', TINY_ARGS, '--data-dir', str(folder),
-                 '--workers', '0', '--epochs', '20', '--out', str(out)]) == 0
+    assert main(['probe', '--model', 'ldae_vit_tiny_patch4_32', '--model-args', TINY_ARGS, '--data-root', str(folder),
+                 '--floors', '--out', str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r['top1'] >= 90 and r['n_train'] == 40 and r['n_test'] == 16
-    assert main(['probe', '--model', 'ldae_vit_tiny_patch4_32', '--model-args', TINY_ARGS, '--data-dir', str(folder),
-                 '--workers', '0', '--mode', 'grid', '--ts', '0', '40', '--out', str(out)]) == 0
+    assert r['top1'] >= 90 and r['n_train'] == 40 and r['n_test'] == 16 and r['grid'][0]['knn_top1'] >= 90
+    assert r['floors']['raw_pixels']['dim'] == 768 and r['floors']['random_same_shape']['top1'] >= 90
+    assert main(['probe', '--model', 'ldae_vit_tiny_patch4_32', '--model-args', TINY_ARGS, '--data-root', str(folder),
+                 '--mode', 'grid', '--ts', '0', '40', '--out', str(out), '--features', str(tmp_path / 'feats')]) == 0
     r = json.loads(out.read_text())
     assert len(r['grid']) == 4 and all(0 <= g['top1'] <= 100 for g in r['grid'])
+    assert (tmp_path / 'feats/train/index.json').is_file()
+    # the second run reads the cached features
+    assert main(['probe', '--model', 'ldae_vit_tiny_patch4_32', '--model-args', TINY_ARGS, '--data-root', str(folder),
+                 '--mode', 'grid', '--ts', '0', '40', '--out', str(out), '--features', str(tmp_path / 'feats')]) == 0
+    assert json.loads(out.read_text())['extract_s'] == 0.0

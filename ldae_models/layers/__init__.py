@@ -1,5 +1,8 @@
-"""Building blocks shared by the DiT-style models of the zoo."""
+"""Building blocks shared by the models of the zoo."""
 from .blocks import AdaLNBlock, FinalLayer, adaln_modulation, init_adaln_weights, modulate
-from .diffusion import alphas_cumprod, linear_betas, q_sample
 from .embed import LabelEmbedder, TimestepEmbedder, sincos_pos_embed_2d, timestep_frequency_embedding
-from .pca import PatchPCA, PatchStats, patchify, unpatchify
+from .pca import PatchPCA, PatchStats, float32_region, patchify, unpatchify
+from .schedules import (
+    SCHEDULES, DDPMSchedule, EDMSchedule, LinearSigmaSchedule, NoiseSchedule, SingleLevelSchedule, VPLinearSchedule,
+    create_schedule, randn,
+)

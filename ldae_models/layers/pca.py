@@ -9,16 +9,18 @@ carries its tokenizer. The latent of a patch is ``z = V_d (x - mu) / s`` with ``
 Fitting streams over batches and accumulates float64 sums, so any number of patches fits in memory;
 the eigendecomposition runs in float64 and each component gets a deterministic sign (its entry of
 largest magnitude is positive), so the same data always gives the same bases.
+
+The transforms always run in float32, also under ``torch.autocast``: at small t the noise l-DAE adds in the
+latent is smaller than bf16's rounding of a pixel, so a bf16 tokenizer would bury the signal it is asked to keep.
 """
-from typing import Iterable, Optional, Tuple
+import contextlib
+from typing import Iterable, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .diffusion import randn_like
-
-__all__ = ['PatchPCA', 'PatchStats', 'patchify', 'unpatchify']
+__all__ = ['PatchPCA', 'PatchStats', 'patchify', 'unpatchify', 'float32_region']
 
 LATENT_SCALES = ('global', 'whiten', 'none')
 
@@ -42,6 +44,13 @@ def unpatchify(x: torch.Tensor, patch_size: int, grid_size: Tuple[int, int], cha
     x = x.reshape(B, h, w, p, p, channels)
     x = torch.einsum('nhwpqc->nchpwq', x)
     return x.reshape(B, channels, h * p, w * p)
+
+
+@contextlib.contextmanager
+def float32_region(x: torch.Tensor) -> Iterator[None]:
+    """Autocast off for the tensors' device type: the enclosed code computes in the dtype of its inputs."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        yield
 
 
 class PatchStats:
@@ -199,48 +208,29 @@ class PatchPCA(nn.Module):
     def coefficients(self, patches: torch.Tensor, center: bool = True) -> torch.Tensor:
         """Coordinates of patch vectors (..., D) in the full PCA basis: ``V (x - mu)`` (..., D)."""
         self._require_fitted()
-        if center:
-            patches = patches - self.mean
-        return patches @ self.components.T
+        with float32_region(patches):
+            patches = patches.float()
+            if center:
+                patches = patches - self.mean
+            return patches @ self.components.T
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> scaled latents (B, N, d)."""
+        """Images (B, C, H, W) -> scaled latents (B, N, d), float32."""
         self._require_fitted()
-        z = (self.patchify(x) - self.mean) @ self.components[:self.latent_dim].T
-        return z / self.scale()
+        with float32_region(x):
+            z = (self.patchify(x.float()) - self.mean) @ self.components[:self.latent_dim].T
+            return z / self.scale()
 
     def decode(self, z: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
         """Scaled latents (B, N, d) -> images (B, C, H, W) by inverse PCA (the discarded components are zero)."""
         self._require_fitted()
-        patches = (z * self.scale()) @ self.components[:self.latent_dim] + self.mean
-        return self.unpatchify(patches, grid_size)
+        with float32_region(z):
+            patches = (z.float() * self.scale()) @ self.components[:self.latent_dim] + self.mean
+            return self.unpatchify(patches, grid_size)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The image as the latent sees it: ``decode(encode(x))``."""
         return self.decode(self.encode(x), self.grid_size(x))
-
-    def add_noise(
-            self,
-            x: torch.Tensor,
-            sigma: torch.Tensor,
-            noise: Optional[torch.Tensor] = None,
-            generator: Optional[torch.Generator] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """l-DAE's input: ``unpatchify(V_d^T s (z~ + sigma * eps) + mu)``.
-
-        Args:
-            x: Clean images (B, C, H, W).
-            sigma: (B,) noise levels.
-            noise: Optional latent noise (B, N, d); drawn from ``generator`` when None.
-
-        Returns:
-            (noisy images (B, C, H, W), latent noise (B, N, d)).
-        """
-        z = self.encode(x)
-        if noise is None:
-            noise = randn_like(z, generator)
-        z_t = z + sigma.to(z.dtype).reshape(-1, 1, 1) * noise
-        return self.decode(z_t, self.grid_size(x)), noise
 
     def extra_repr(self) -> str:
         return (f'patch_size={self.patch_size}, in_chans={self.in_chans}, dim={self.dim}, '

@@ -19,8 +19,8 @@ small noise level. A registered model ``ddae_*`` returns the pooled feature of `
 naming) of the input noised at ``t`` by the DDPM forward process (seedable); defaults are DDAE's best:
 DDPM ``out_6`` (8x8, 256 channels) at t = 11. ``forward_intermediates`` / ``features_only`` give every
 decoder block (0-based indices: ``out_k`` is index k - 1); ``unet.denoise(x_t, t)`` is the full noise
-prediction. ``noise_schedule='edm'`` takes ``t`` as sigma and feeds ``c_in (x + sigma eps)`` with time input
-``c_noise = ln(sigma) / 4``, for checkpoints trained the EDM way.
+prediction and ``unet.training_loss`` DDPM's objective. ``schedule='edm'`` takes ``t`` as sigma and feeds
+``c_in (x + sigma eps)`` with time input ``c_noise = ln(sigma) / 4``, for checkpoints trained the EDM way.
 """
 import math
 import re
@@ -29,16 +29,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._builder import pretrained_cfg_for_features
+from timm.models import generate_default_cfgs
 from timm.models._features import FeatureInfo, feature_take_indices
 
-from ..layers.diffusion import alphas_cumprod, q_sample, randn_like
-from ..pretrained import _NOT_MODEL_ARGS, load_pretrained, unwrap_state_dict
+from ..layers.schedules import NoiseSchedule, TimestepLike, create_schedule
+from ._builder import build_model, register_family
+from .extractor import FeatureExtractor
 
-__all__ = ['UNet', 'DDAEUNet', 'unet_diffusers_to_ddae', 'UNET_CONFIGS', 'EDM_SIGMA_DATA']
+__all__ = ['UNet', 'DDAEUNet', 'unet_diffusers_to_ddae', 'UNET_CONFIGS']
 
-EDM_SIGMA_DATA = 0.5
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False, freq_shift: float = 1.0,
@@ -163,7 +162,8 @@ class UNet(nn.Module):
             skip_rescale: bool = False,                   # divide residual sums by sqrt(2) (DDPM++)
             time_freq_shift: float = 1.0,                 # sinusoid frequencies over (half - shift)
             time_flip_sin_to_cos: bool = False,           # cos first instead of sin first
-            num_timesteps: int = 1000,                    # DDPM timesteps
+            schedule: Union[str, NoiseSchedule] = 'ddpm',  # what t means: 'ddpm' (a step) or 'edm' (sigma)
+            schedule_args: Optional[Dict[str, Any]] = None,  # the schedule's arguments
     ) -> None:
         super().__init__()
         if resample not in ('conv', 'resblock'):
@@ -177,7 +177,7 @@ class UNet(nn.Module):
         self.base_channels = base_channels
         self.time_freq_shift = time_freq_shift
         self.time_flip_sin_to_cos = time_flip_sin_to_cos
-        self.num_timesteps = num_timesteps
+        self.schedule = create_schedule(schedule, **(schedule_args or {}))
         temb_ch = 4 * base_channels
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
         self.conv_in = nn.Conv2d(in_chans, base_channels, 3, padding=1)
@@ -257,54 +257,8 @@ class UNet(nn.Module):
                 h = level.resample(h, temb)
         return self.conv_out(F.silu(self.norm_out(h))), outs
 
-    def denoise(self, x_t: torch.Tensor, t: Union[torch.Tensor, float]) -> torch.Tensor:
-        """The UNet's noise prediction for ``x_t`` at network time input ``t`` (step index for DDPM)."""
-        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
-        return self._run(x_t, t)[0]
-
-
-class DDAEUNet(UNet):
-    """A UNet used as a DDAE feature extractor: pooled ``out_k`` features at a fixed noise level."""
-
-    def __init__(
-            self,
-            *args: Any,
-            out_k: int = 6,                    # tapped decoder block, 1-based as in DDAE
-            t: float = 11,                     # DDPM step (or EDM sigma) of the features
-            noise: bool = True,                # noise the input at t (DDAE's protocol) or feed it clean
-            noise_schedule: str = 'ddpm',      # 'ddpm' (linear betas) or 'edm' (t is sigma, c_in / c_noise)
-            num_classes: int = 0,              # optional linear head on the pooled feature
-            **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        if noise_schedule not in ('ddpm', 'edm'):
-            raise ValueError(f"noise_schedule must be 'ddpm' or 'edm', got {noise_schedule!r}")
-        self.noise_schedule = noise_schedule
-        self.noise = noise
-        self.generator: Optional[torch.Generator] = None
-        self.register_buffer('abar', alphas_cumprod(self.num_timesteps), persistent=False)
-        K = len(self.block_info)
-        if not 1 <= out_k <= K:
-            raise ValueError(f'out_k must be in [1, {K}] (DDAE numbers decoder blocks from 1), got {out_k}')
-        self.out_k = out_k
-        self.t = self._check_t(torch.as_tensor(float(t), device='cpu')).item()
-        self.num_features = self.head_hidden_size = self.block_info[out_k - 1]['num_chs']
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [dict(module=f'decoder_blocks.{i}', num_chs=b['num_chs'], reduction=b['reduction'])
-                             for i, b in enumerate(self.block_info)]
-
-    # -- checks and noise -------------------------------------------------------------------------------------
-    def _check_t(self, t: torch.Tensor) -> torch.Tensor:
-        if not torch.isfinite(t).all():
-            raise ValueError(f'timestep t must be finite, got {t.tolist()}')
-        if self.noise_schedule == 'edm':
-            if (t <= 0).any():
-                raise ValueError(f'with noise_schedule="edm" t is sigma and must be > 0, got {t.flatten()[:4].tolist()}')
-        elif ((t < 0) | (t >= self.num_timesteps)).any():
-            raise ValueError(f'timestep t must be in [0, {self.num_timesteps}) (a DDPM step index), '
-                             f'got {t.flatten()[:4].tolist()}')
-        return t
+    def input_size(self) -> Tuple[int, int, int]:
+        return (self.in_chans, self.img_size, self.img_size)
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4:
@@ -314,65 +268,100 @@ class DDAEUNet(UNet):
         if tuple(x.shape[-2:]) != (self.img_size, self.img_size):
             raise ValueError(f'expected {self.img_size}x{self.img_size} images, got {x.shape[-2]}x{x.shape[-1]}')
 
-    def timesteps(self, t: Any, batch_size: int, device: torch.device) -> torch.Tensor:
-        t = torch.as_tensor(self.t if t is None else t, device=device, dtype=torch.float32).reshape(-1)
-        if t.shape[0] not in (1, batch_size):
-            raise ValueError(f'timestep t must be a number or have shape (1,) or ({batch_size},), got {tuple(t.shape)}')
-        return self._check_t(t).expand(batch_size)
+    def _denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x_in, t_in = self.schedule.network_input(x_t, t)
+        return self._run(x_in, t_in)[0]
 
-    def add_noise(self, x: torch.Tensor, t: Any = None, generator: Optional[torch.Generator] = None,
-                  noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """DDPM: ``sqrt(abar_t) x + sqrt(1 - abar_t) eps``; EDM: ``x + sigma eps`` (c_in is applied in the network call)."""
-        self.check_input(x)
-        t = self.timesteps(t, x.shape[0], x.device)
-        if self.noise_schedule == 'ddpm':
-            return q_sample(x, t.round().long(), self.abar, noise=noise, generator=generator)
-        if noise is None:
-            noise = randn_like(x, generator)
-        return x + t.reshape(-1, 1, 1, 1).to(x.dtype) * noise, noise
+    def denoise(self, x_t: torch.Tensor, t: TimestepLike) -> torch.Tensor:
+        """The UNet's noise prediction for ``x_t`` at timestep(s) ``t`` of its schedule (a DDPM step index)."""
+        self.check_input(x_t)
+        return self._denoise(x_t, self.schedule.timesteps(t, x_t.shape[0], x_t.device))
 
-    def network_input(self, x_t: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(scaled input, network time input): identity and t for DDPM; c_in x and ln(sigma) / 4 for EDM."""
-        if self.noise_schedule == 'edm':
-            c_in = 1.0 / torch.sqrt(t ** 2 + EDM_SIGMA_DATA ** 2)
-            return x_t * c_in.reshape(-1, 1, 1, 1).to(x_t.dtype), torch.log(t) / 4
-        return x_t, t
+    def noise_shape(self, images: torch.Tensor) -> Tuple[int, ...]:
+        return tuple(images.shape[1:])
 
-    # -- features ----------------------------------------------------------------------------------------------
+    def training_loss(self, images: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """DDPM's objective (Ho et al.): the mean squared error of the predicted noise, t from ``schedule.sample_t``."""
+        if self.schedule.name != 'ddpm':
+            raise NotImplementedError(f'the UNets train with the DDPM objective; schedule {self.schedule.name!r} is for '
+                                      f'feature extraction from checkpoints trained elsewhere')
+        x_t, noise = self.schedule.add_noise(images, t, noise=noise)
+        return F.mse_loss(self._denoise(x_t, t).float(), noise.float())
+
+
+class DDAEUNet(FeatureExtractor, UNet):
+    """A UNet used as a DDAE feature extractor: pooled ``out_k`` features at a fixed noise level."""
+
+    def __init__(
+            self,
+            *args: Any,
+            out_k: int = 6,                    # tapped decoder block, 1-based as in DDAE
+            t: float = 11,                     # DDPM step (or EDM sigma) of the features
+            noisy_input: bool = True,          # noise the input at t first (DDAE's protocol) or feed it as it is
+            num_classes: int = 0,              # optional linear head on the pooled feature
+            **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.noisy_input = noisy_input
+        self.generator: Optional[torch.Generator] = None
+        K = len(self.block_info)
+        if not 1 <= out_k <= K:
+            raise ValueError(f'out_k must be in [1, {K}] (DDAE numbers decoder blocks from 1), got {out_k}')
+        self.out_k = out_k
+        self.t = float(self.schedule.timesteps(t, 1, 'cpu')[0])
+        self.num_features = self.head_hidden_size = self.block_info[out_k - 1]['num_chs']
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = [dict(module=f'decoder_blocks.{i}', num_chs=b['num_chs'], reduction=b['reduction'])
+                             for i, b in enumerate(self.block_info)]
+
+    # -- the encoder contract ----------------------------------------------------------------------------------
+    @property
+    def num_taps(self) -> int:
+        return len(self.block_info)
+
     @property
     def blocks(self) -> List[ResAttBlock]:
         return self.decoder_blocks
 
+    def encode_input(self, images: torch.Tensor) -> torch.Tensor:
+        self.check_input(images)
+        return images
+
+    def tap(self, x: torch.Tensor, t: Optional[torch.Tensor], indices: List[int]) -> List[torch.Tensor]:
+        x_in, t_in = self.schedule.network_input(x, t)
+        outs = self._run(x_in, t_in, stop_after=max(indices))[1]
+        return [outs[i] for i in indices]
+
+    # -- timm API ----------------------------------------------------------------------------------------------
     def forward_intermediates(
             self,
             x: torch.Tensor,
-            t: Any = None,
+            t: TimestepLike = None,
             indices: Optional[Union[int, List[int]]] = None,
             norm: bool = False,
             stop_early: bool = False,
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
-            noise: Optional[bool] = None,
+            noisy_input: Optional[bool] = None,
             generator: Optional[torch.Generator] = None,
     ):
         """Decoder block outputs at ``indices`` (0-based: out_k is k - 1), NCHW, for the input at ``t``.
 
-        ``noise`` (default: the model's setting) noises the input first. ``x`` is then treated as clean;
-        with ``noise=False`` it is passed as it is, already noisy or clean.
+        ``noisy_input`` (default: the model's setting) noises the input first; with ``noisy_input=False`` it is passed
+        as it is, already noisy or clean.
         """
         if output_fmt != 'NCHW':
             raise ValueError(f"a UNet's intermediates are feature maps: output_fmt must be 'NCHW', got {output_fmt!r}")
-        self.check_input(x)
-        t = self.timesteps(t, x.shape[0], x.device)
+        x = self.encode_input(x)
+        t = self.schedule.timesteps(self.t if t is None else t, x.shape[0], x.device)
         take, max_index = feature_take_indices(len(self.block_info), indices)
-        if self.noise if noise is None else noise:
-            x = self.add_noise(x, t, generator=generator or self.generator)[0]
-        x_in, t_in = self.network_input(x, t)
+        if self.noisy_input if noisy_input is None else noisy_input:
+            x = self.noise_input(x, t, generator=generator or self.generator)[0]
+        x_in, t_in = self.schedule.network_input(x, t)
         _, outs = self._run(x_in, t_in, stop_after=max_index if (stop_early or intermediates_only) else None)
         inter = [outs[i] for i in take]
-        if intermediates_only:
-            return inter
-        return outs[-1], inter
+        return inter if intermediates_only else (outs[-1], inter)
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
@@ -381,7 +370,7 @@ class DDAEUNet(UNet):
             self.reset_classifier(0)
         return take
 
-    def forward_features(self, x: torch.Tensor, t: Any = None, generator: Optional[torch.Generator] = None
+    def forward_features(self, x: torch.Tensor, t: TimestepLike = None, generator: Optional[torch.Generator] = None
                          ) -> torch.Tensor:
         """The feature map of ``out_k`` (B, C, h, w)."""
         return self.forward_intermediates(x, t, indices=[self.out_k - 1], intermediates_only=True,
@@ -391,7 +380,8 @@ class DDAEUNet(UNet):
         x = x.mean(dim=(-2, -1))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor, t: Any = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: TimestepLike = None, generator: Optional[torch.Generator] = None
+                ) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, t, generator))
 
     def get_classifier(self) -> nn.Module:
@@ -400,6 +390,9 @@ class DDAEUNet(UNet):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def features_only_net(self, out_indices: Optional[Sequence[int]]) -> nn.Module:
+        return DecoderFeatures(self, out_indices=(1, 3, 5, 7) if out_indices is None else out_indices)
 
 
 class DecoderFeatureInfo(FeatureInfo):
@@ -469,12 +462,11 @@ def _as_linear(v: torch.Tensor) -> torch.Tensor:
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Unwrap a training checkpoint (DDAE's ``{'MODEL', 'EMA', 'opt'}`` included, EMA preferred) and convert
-    diffusers' ``UNet2DModel`` layout."""
-    sd = unwrap_state_dict(state_dict, prefer_ema=True)
-    if any(k.startswith(('down_blocks.', 'mid_block.')) for k in sd):
-        sd = unet_diffusers_to_ddae(sd)
-    return sd
+    """An unwrapped state dict (DDAE's ``{'MODEL', 'EMA', 'opt'}`` unwraps to its EMA) in diffusers' ``UNet2DModel``
+    layout or ours -> ours."""
+    if any(k.startswith(('down_blocks.', 'mid_block.')) for k in state_dict):
+        return unet_diffusers_to_ddae(state_dict)
+    return state_dict
 
 
 # -- configurations and registration ----------------------------------------------------------------------
@@ -490,22 +482,8 @@ UNET_CONFIGS: Dict[str, Dict[str, Any]] = {
 
 
 def _create_ddae_unet(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    call_args = {k: v for k, v in kwargs.items() if k not in _NOT_MODEL_ARGS}
-    features_only = kwargs.pop('features_only', False)
-    out_indices = kwargs.pop('out_indices', (1, 3, 5, 7))
-    cache_dir = kwargs.pop('cache_dir', None)
-    kwargs.pop('feature_cls', None)
-    model = build_model_with_cfg(DDAEUNet, variant, pretrained=False, **{**UNET_CONFIGS[variant], **kwargs})
-    size = (model.in_chans, model.img_size, model.img_size)  # the cfg follows img_size
-    model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, 'input_size': size}
-    if pretrained:
-        load_pretrained(model, model.pretrained_cfg, filter_fn=checkpoint_filter_fn, cache_dir=cache_dir)
-    model._model_args = {**getattr(model, '_model_args', {}), **call_args}
-    if features_only:
-        cfg = model.pretrained_cfg
-        model = DecoderFeatures(model, out_indices=out_indices)
-        model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(cfg)
-    return model
+    return build_model(DDAEUNet, variant, pretrained, {**UNET_CONFIGS[variant], **kwargs},
+                       filter_fn=checkpoint_filter_fn)
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
@@ -520,7 +498,6 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    'ddae_ddpm_cifar10_32': _cfg(),
     # Ho et al.'s released CIFAR-10 DDPM (FID 3.17), in diffusers' UNet2DModel layout; converted on load.
     'ddae_ddpm_cifar10_32.google': _cfg(
         hf_hub_id='google/ddpm-cifar10-32', hf_hub_filename='diffusion_pytorch_model.safetensors',
@@ -529,14 +506,7 @@ default_cfgs = generate_default_cfgs({
     'ddae_ddpmpp_cifar10_32': _cfg(),
 })
 
-
-@register_model
-def ddae_ddpm_cifar10_32(pretrained: bool = False, **kwargs: Any) -> DDAEUNet:
-    """Ho et al.'s CIFAR-10 DDPM UNet (35.7M) tapped at out_6, t = 11."""
-    return _create_ddae_unet('ddae_ddpm_cifar10_32', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def ddae_ddpmpp_cifar10_32(pretrained: bool = False, **kwargs: Any) -> DDAEUNet:
-    """DDAE's DDPM++-style CIFAR-10 UNet (about 56M) tapped at out_6, t = 11."""
-    return _create_ddae_unet('ddae_ddpmpp_cifar10_32', pretrained=pretrained, **kwargs)
+register_family('ddae', __name__, {n: n for n in UNET_CONFIGS}, _create_ddae_unet, docs={
+    'ddae_ddpm_cifar10_32': "Ho et al.'s CIFAR-10 DDPM UNet (35.7M) tapped at out_6, t = 11.",
+    'ddae_ddpmpp_cifar10_32': "DDAE's DDPM++-style CIFAR-10 UNet (about 56M) tapped at out_6, t = 11.",
+})

@@ -35,23 +35,24 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 
 from ..layers.blocks import AdaLNBlock, FinalLayer, init_adaln_weights
-from ..layers.diffusion import alphas_cumprod, q_sample
 from ..layers.embed import LabelEmbedder, TimestepEmbedder, sincos_pos_embed_2d
 from ..layers.pca import unpatchify
-from ..pretrained import load_pretrained, unwrap_state_dict
-from .adaln_vit import AdaLNViT, TimestepT, create_adaln_encoder
+from ..layers.schedules import DDPMSchedule
+from ..hub.checkpoint import load_pretrained
+from ._builder import build_model, pretrained_cfg_for, register_family, split_name
+from .adaln_vit import AdaLNViT
 from .wrappers import DiffusionInput
 
 __all__ = ['DiT', 'DiTEncoder', 'create_dit', 'list_dits', 'dit_official_to_diffusers', 'dit_diffusers_to_official',
            'DIT_CONFIGS', 'DDAE_DIT_PRESET', 'SD_VAE_SCALE']
 
 SD_VAE_SCALE = 0.18215  # latents = vae.encode(x).latent_dist * 0.18215 (LDM / DiT)
-DDAE_DIT_PRESET: Dict[str, Any] = dict(depth=14, t=121, y=1000, noise=True)
+DDAE_DIT_PRESET: Dict[str, Any] = dict(depth=14, t=121, y=1000, noisy_input=True)
 
-# (width, depth, heads) of DiT-S/B/L/XL (the paper's Tab. 1).
+# (width, depth, heads) of DiT-S/B/L/XL (the paper's Tab. 1); every (size, patch, resolution) is registered.
 _SIZES = {'s': (384, 12, 6), 'b': (768, 12, 12), 'l': (1024, 24, 16), 'xl': (1152, 28, 16)}
 DIT_CONFIGS: Dict[str, Dict[str, Any]] = {
     f'dit_{size}_patch{p}_{res}': dict(input_size=res // 8, patch_size=p, hidden_size=w, depth=d, num_heads=h)
@@ -78,14 +79,14 @@ class DiT(nn.Module):
             class_dropout_prob: float = 0.1,  # label dropout in training (> 0 adds the null-label row)
             num_classes: int = 1000,         # ImageNet classes
             learn_sigma: bool = True,        # also output the variance interpolation
-            num_timesteps: int = 1000,       # valid t are [0, num_timesteps)
+            num_timesteps: int = 1000,       # DDPM steps: valid t are [0, num_timesteps)
     ) -> None:
         super().__init__()
+        self.schedule = DDPMSchedule(num_timesteps)
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size = patch_size
         self.num_heads = num_heads
-        self.num_timesteps = num_timesteps
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
@@ -106,23 +107,15 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
 
-    def _check(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+    def forward_hidden(self, x: torch.Tensor, t: Any, y: Any) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """(output (B, out_channels, H, W), hidden states after every block [(B, N, D)])."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f'expected latents (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}')
         if tuple(x.shape[-2:]) != tuple(self.x_embedder.img_size):
             raise ValueError(f'expected {self.x_embedder.img_size[0]}x{self.x_embedder.img_size[1]} latents, '
                              f'got {x.shape[-2]}x{x.shape[-1]}')
-        if ((t < 0) | (t >= self.num_timesteps)).any():
-            raise ValueError(f'timestep t must be in [0, {self.num_timesteps}), got {t.tolist()[:4]}')
-        rows = self.y_embedder.embedding_table.num_embeddings
-        if ((y < 0) | (y >= rows)).any():
-            raise ValueError(f'label y must be in [0, {rows}) ({rows - 1} = null), got {y.tolist()[:4]}')
-
-    def forward_hidden(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """(output (B, out_channels, H, W), hidden states after every block [(B, N, D)])."""
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-        y = torch.as_tensor(y, device=x.device).reshape(-1).expand(x.shape[0]).long()
-        self._check(x, t, y)
+        t = self.schedule.timesteps(t, x.shape[0], x.device)
+        y = _check_labels(torch.as_tensor(y, device=x.device).reshape(-1).expand(x.shape[0]).long(), self.y_embedder)
         h = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         c = self.t_embedder(t) + self.y_embedder(y, train=self.training)  # (B, D)
         hidden = []
@@ -132,8 +125,16 @@ class DiT(nn.Module):
         out = self.final_layer(h, c)  # (B, N, p*p*C_out)
         return unpatchify(out, self.patch_size, self.x_embedder.grid_size, self.out_channels), hidden
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: Any, y: Any) -> torch.Tensor:
         return self.forward_hidden(x, t, y)[0]
+
+
+def _check_labels(y: torch.Tensor, embedder: LabelEmbedder) -> torch.Tensor:
+    rows = embedder.embedding_table.num_embeddings
+    if ((y < 0) | (y >= rows)).any():
+        raise ValueError(f'label y must be in [0, {rows}) ({embedder.null_label} = the null label), '
+                         f'got {y.flatten()[:4].tolist()}')
+    return y
 
 
 class DiTEncoder(AdaLNViT):
@@ -142,33 +143,33 @@ class DiTEncoder(AdaLNViT):
     State dict keys are ``AdaLNViT``'s (``patch_embed`` for DiT's ``x_embedder``) plus ``y_embedder``.
     """
 
+    default_t = 121.0  # DDAE's best t for DiT-XL/2 features on CIFAR-10
+
     def __init__(self, *args: Any, num_labels: int = 1000, y: int = 1000, class_dropout_prob: float = 0.1,
                  **kwargs: Any) -> None:
         kwargs.setdefault('adaln_hidden_ratio', None)
+        kwargs.setdefault('schedule', 'ddpm')
         super().__init__(*args, **kwargs)
         self.y_embedder = LabelEmbedder(num_labels, self.embed_dim, class_dropout_prob)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        self.y = self._check_y(torch.as_tensor(y, device='cpu')).item()
-        self.abar: torch.Tensor
-        self.register_buffer('abar', alphas_cumprod(self.num_timesteps), persistent=False)
+        self.y = int(_check_labels(torch.as_tensor([y], device='cpu'), self.y_embedder)[0])
 
-    def _check_y(self, y: torch.Tensor) -> torch.Tensor:
-        rows = self.y_embedder.embedding_table.num_embeddings
-        if ((y < 0) | (y >= rows)).any():
-            raise ValueError(f'label y must be in [0, {rows}) ({self.y_embedder.null_label} = the null label), '
-                             f'got {y.flatten()[:4].tolist()}')
-        return y
+    def _channel_hint(self) -> str:
+        h, w = self.patch_embed.img_size
+        return (f'. A DiT encoder runs on SD-VAE latents ({self.in_chans} x {h} x {w} for {8 * h} px images): encode '
+                f'images with the VAE first, or create the model with vae="stabilityai/sd-vae-ft-ema" (or a diffusers '
+                f'AutoencoderKL) to pass RGB images in [-1, 1]')
 
-    def condition(self, t: TimestepT, batch_size: int, device: torch.device, y: Any = None) -> torch.Tensor:
-        y = torch.as_tensor(self.y if y is None else y, device=device).reshape(-1).long()
-        return self.t_embedder(self.timesteps(t, batch_size, device)) + self.y_embedder(self._check_y(y))
+    def condition(self, t: torch.Tensor, y: Any = None) -> torch.Tensor:
+        if y is None:
+            y = torch.full_like(t, self.y, dtype=torch.long)
+        else:
+            y = _check_labels(torch.as_tensor(y, device=t.device).reshape(-1).long(), self.y_embedder)
+        return self.t_embedder(t) + self.y_embedder(y)
 
-    def add_noise(self, x: torch.Tensor, t: TimestepT = None, generator: Optional[torch.Generator] = None,
-                  noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """DiT's forward process: ``sqrt(abar_t) x + sqrt(1 - abar_t) eps`` (t rounded to a step index)."""
-        self.check_input(x)
-        t = self.timesteps(t, x.shape[0], x.device).round().long().expand(x.shape[0])
-        return q_sample(x, t, self.abar, noise=noise, generator=generator)
+    def _condition64(self, t64: torch.Tensor) -> torch.Tensor:
+        label = self.y_embedder.embedding_table.weight[self.y].detach().to('cpu', torch.float64)
+        return super()._condition64(t64) + label[None]
 
 
 # -- converters -------------------------------------------------------------------------------------------
@@ -234,30 +235,21 @@ def dit_diffusers_to_official(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Te
     return out
 
 
-def _to_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    state_dict = unwrap_state_dict(state_dict, prefer_ema=True)
-    if any(k.startswith('transformer_blocks.') for k in state_dict):
-        state_dict = dit_diffusers_to_official(state_dict)
-    return state_dict
-
-
 def dit_checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Official or diffusers DiT checkpoint -> the state dict of ``DiT`` or of a ``DiTEncoder``.
+    """Official or diffusers DiT state dict (unwrapped) -> the state dict of ``DiT`` or of a ``DiTEncoder``.
 
-    For an encoder: ``x_embedder`` becomes ``patch_embed``, blocks past the encoder's depth and the final
-    layer are dropped. The fixed position embedding is always the model's own (recomputed, not loaded).
+    For an encoder: ``x_embedder`` becomes ``patch_embed``, blocks past the encoder's depth and the final layer are
+    dropped. The fixed position embedding is always the model's own (recomputed, not loaded).
     """
-    sd = _to_official(state_dict)
-    sd.pop('pos_embed', None)
+    sd = dit_diffusers_to_official(state_dict) if any(k.startswith('transformer_blocks.') for k in state_dict) \
+        else dict(state_dict)
     sd['pos_embed'] = model.pos_embed.detach().clone()
     if isinstance(model, DiT):
         return sd
     depth = len(model.blocks)
     out = {}
     for k, v in sd.items():
-        if k.startswith('final_layer.'):
-            continue
-        if k.startswith('blocks.') and int(k.split('.')[1]) >= depth:
+        if k.startswith('final_layer.') or (k.startswith('blocks.') and int(k.split('.')[1]) >= depth):
             continue
         out[k.replace('x_embedder.', 'patch_embed.', 1)] = v
     return out
@@ -273,39 +265,25 @@ def create_dit(name: str, pretrained: bool = False, checkpoint: Optional[str] = 
                cache_dir: Optional[str] = None, **kwargs: Any) -> DiT:
     """The full DiT ``name`` (``dit_xl_patch2_256`` ...), optionally with weights.
 
-    ``pretrained=True`` loads the arch's default tag (``NAME.TAG`` picks another); ``checkpoint`` loads a file
-    in either layout. Both go through the safe loader and ``dit_checkpoint_filter_fn``.
+    ``pretrained=True`` loads the arch's default tag (``NAME.TAG`` picks another); ``checkpoint`` loads a file in
+    either layout (a training checkpoint's EMA weights when it has them). Both go through the safe loader.
     """
-    import timm.models
-    arch, _, tag = name.partition('.')
+    arch = split_name(name)[0]
     if arch not in DIT_CONFIGS:
         raise ValueError(f'unknown DiT {name!r}; known: {", ".join(list_dits())}')
     model = DiT(**{**DIT_CONFIGS[arch], **kwargs})
-    if checkpoint:
-        load_pretrained(model, dict(file=checkpoint), filter_fn=dit_checkpoint_filter_fn)
-    elif pretrained:
-        cfg = timm.models.get_pretrained_cfg(name if tag else arch)
-        if cfg is None:
-            raise ValueError(f'no pretrained weights for {name}')
-        load_pretrained(model, dict(cfg.to_dict(), architecture=arch), filter_fn=dit_checkpoint_filter_fn,
-                        cache_dir=cache_dir)
+    if checkpoint or pretrained:
+        cfg = dict(file=str(checkpoint)) if checkpoint else pretrained_cfg_for(name)
+        load_pretrained(model, cfg, filter_fn=dit_checkpoint_filter_fn, cache_dir=cache_dir)
     return model
 
 
 def _create_dit_encoder(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    noise = kwargs.pop('noise', False)
-    vae = kwargs.pop('vae', None)
-    vae_sample = kwargs.pop('vae_sample', False)
     cfg = DIT_CONFIGS[variant]
-    defaults = dict(img_size=cfg['input_size'], patch_size=cfg['patch_size'], in_chans=4, embed_dim=cfg['hidden_size'],
-                    depth=cfg['depth'] // 2, num_heads=cfg['num_heads'], t=121)
-    model, base = create_adaln_encoder(DiTEncoder, variant, pretrained, dit_checkpoint_filter_fn, defaults, kwargs)
-    if noise or vae is not None:
-        wrapped = DiffusionInput(model, noise_t=base.t if noise else None, vae=vae, vae_scale=SD_VAE_SCALE,
-                                 vae_sample=vae_sample, num_timesteps=base.num_timesteps)
-        wrapped._model_args = {**model._model_args, 'noise': noise}
-        model = wrapped
-    return model
+    args = dict(img_size=cfg['input_size'], patch_size=cfg['patch_size'], in_chans=4, embed_dim=cfg['hidden_size'],
+                depth=cfg['depth'] // 2, num_heads=cfg['num_heads'])
+    return build_model(DiTEncoder, variant, pretrained, {**args, **kwargs}, filter_fn=dit_checkpoint_filter_fn,
+                       input_stage=lambda m, **kw: DiffusionInput(m, vae_scale=SD_VAE_SCALE, **kw))
 
 
 def _cfg(res: int, **kwargs: Any) -> Dict[str, Any]:
@@ -325,7 +303,8 @@ _DIT_NOTES = ('trained on ImageNet-1k with class labels (class-conditional DiT);
 _DIT_WEIGHTS = dict(license='cc-by-nc-4.0', notes=_DIT_NOTES)
 
 default_cfgs = generate_default_cfgs({
-    **{name: _cfg(int(name.rsplit('_', 1)[1])) for name in DIT_CONFIGS},
+    # an architecture with released weights is listed by its tags only (no untagged duplicate)
+    **{name: _cfg(int(name.rsplit('_', 1)[1])) for name in DIT_CONFIGS if not name.startswith('dit_xl_patch2_')},
     # The released DiT-XL/2 weights (FID 2.27 at 256 px, 3.04 at 512 px with guidance), official state dicts.
     'dit_xl_patch2_256.fb_in1k': _cfg(256, url='https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt',
                                       **_DIT_WEIGHTS),
@@ -341,121 +320,8 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-@register_model
-def dit_s_patch2_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_s_patch2_256', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def dit_s_patch4_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_s_patch4_256', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def dit_s_patch8_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_s_patch8_256', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def dit_s_patch2_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_s_patch2_512', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def dit_s_patch4_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_s_patch4_512', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def dit_s_patch8_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_s_patch8_512', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def dit_b_patch2_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_b_patch2_256', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def dit_b_patch4_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_b_patch4_256', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def dit_b_patch8_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_b_patch8_256', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def dit_b_patch2_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_b_patch2_512', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def dit_b_patch4_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_b_patch4_512', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def dit_b_patch8_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_b_patch8_512', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def dit_l_patch2_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_l_patch2_256', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def dit_l_patch4_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_l_patch4_256', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def dit_l_patch8_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_l_patch8_256', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def dit_l_patch2_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_l_patch2_512', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def dit_l_patch4_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_l_patch4_512', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def dit_l_patch8_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_l_patch8_512', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def dit_xl_patch2_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_xl_patch2_256', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def dit_xl_patch4_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_xl_patch4_256', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def dit_xl_patch8_256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_xl_patch8_256', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def dit_xl_patch2_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_xl_patch2_512', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def dit_xl_patch4_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_xl_patch4_512', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def dit_xl_patch8_512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    return _create_dit_encoder('dit_xl_patch8_512', pretrained=pretrained, **kwargs)
+register_family('dit', __name__, {n: n for n in DIT_CONFIGS}, _create_dit_encoder, docs={
+    n: f'DiT-{n.split("_")[1].upper()}/{c["patch_size"]} encoder on {8 * c["input_size"]} px images (SD-VAE latents '
+       f'{c["input_size"]}x{c["input_size"]}x4): the first {c["depth"] // 2} of {c["depth"]} blocks, width '
+       f'{c["hidden_size"]}, t = 121, null label.'
+    for n, c in DIT_CONFIGS.items()})

@@ -1,10 +1,16 @@
-"""Input stages in front of a latent-diffusion encoder: the SD VAE and the forward-process noise."""
-from typing import Any, Optional, Union
+"""The input stage in front of a latent-diffusion encoder: the SD VAE and the forward-process noise.
+
+``DiffusionInput(model)`` is what ``timm.create_model(dit_name, vae=..., noisy_input=True)`` returns when the
+encoder alone cannot do it (a merged ViT, or any DiT given a VAE): ``images -> [VAE encode * scale] -> [noise at t]
+-> model``. It answers the encoder contract by delegation: the VAE encodes once per batch (``encode_input``), the
+noise is the model's schedule at t (``noise_input``), the taps are the model's.
+"""
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from ..layers.diffusion import alphas_cumprod, q_sample
+from .extractor import FeatureExtractor
 
 __all__ = ['DiffusionInput', 'load_vae']
 
@@ -20,62 +26,70 @@ def load_vae(vae: Union[str, nn.Module]) -> nn.Module:
     return AutoencoderKL.from_pretrained(vae)
 
 
-class DiffusionInput(nn.Module):
-    """``images -> [VAE encode * scale] -> [x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps] -> model``.
+class DiffusionInput(FeatureExtractor, nn.Module):
+    """``images -> [VAE encode * vae_scale] -> [x_t at the model's t] -> model``; the model stays ``.model``.
 
-    Used when an encoder is asked for ``vae=`` or ``noise=True``. ``model`` is the encoder (merged or
-    conditional); it stays reachable as ``.model``. The VAE is frozen. Set ``.generator`` (or pass
-    ``generator=``) to seed the noise; the latent is the posterior mean unless ``vae_sample=True``.
+    The VAE is frozen; its latent is the posterior mean unless ``vae_sample=True``. Set ``.generator`` (or pass
+    ``generator=``) to seed the noise.
     """
 
     def __init__(
             self,
-            model: nn.Module,
-            noise_t: Optional[float] = None,          # add DDPM noise at this timestep (None: clean input)
-            vae: Optional[Union[str, nn.Module]] = None,
-            vae_scale: float = 0.18215,
-            vae_sample: bool = False,
-            num_timesteps: int = 1000,
+            model: nn.Module,                             # the encoder (merged or conditional) on latents
+            noisy_input: bool = False,                    # noise the latent at the model's t (DDAE's protocol)
+            vae: Optional[Union[str, nn.Module]] = None,  # a diffusers AutoencoderKL, or its hub name
+            vae_scale: float = 0.18215,                   # latents = VAE posterior * vae_scale (LDM / DiT)
+            vae_sample: bool = False,                     # sample the posterior instead of its mean
     ) -> None:
         super().__init__()
         self.model = model
-        self.noise_t = None if noise_t is None else int(round(noise_t))
-        self.register_buffer('abar', alphas_cumprod(num_timesteps), persistent=False)
-        self.vae = None
-        if vae is not None:
-            self.vae = load_vae(vae).eval().requires_grad_(False)
+        self.noisy_input = noisy_input
+        self.schedule = model.schedule
+        self.t = model.t
+        self.fixed_t = model.fixed_t
+        self.vae = None if vae is None else load_vae(vae).eval().requires_grad_(False)
         self.vae_scale = vae_scale
         self.vae_sample = vae_sample
         self.generator: Optional[torch.Generator] = None
+        self.num_features = getattr(model, 'num_features', None)
         cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
         if self.vae is not None:
-            pe = getattr(model, 'patch_embed', None) or getattr(getattr(model, 'model', None), 'patch_embed', None)
-            h, w = tuple(pe.img_size) if pe is not None else cfg.get('input_size', (4, 32, 32))[1:]
+            h, w = cfg.get('input_size', (4, 32, 32))[1:]
             cfg.update(input_size=(3, h * 8, w * 8), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # images in [-1, 1]
         self.pretrained_cfg = self.default_cfg = cfg
-        self.num_features = getattr(model, 'num_features', None)
 
     @property
     def blocks(self) -> Any:
         return self.model.blocks
 
+    @property
+    def num_taps(self) -> int:
+        return self.model.num_taps
+
+    def encode_input(self, images: torch.Tensor) -> torch.Tensor:
+        """The latent the encoder sees (before noise)."""
+        if self.vae is None:
+            return images
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f'with a VAE the input is RGB images (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}')
+        with torch.no_grad():
+            dist = self.vae.encode(images).latent_dist
+            return (dist.sample(generator=self.generator) if self.vae_sample else dist.mean) * self.vae_scale
+
+    def tap(self, x: torch.Tensor, t: Optional[torch.Tensor], indices: List[int]) -> List[torch.Tensor]:
+        return self.model.tap(x, t, indices)
+
     def prepare(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """The latent the encoder sees."""
-        generator = generator or self.generator
-        if self.vae is not None:
-            if x.dim() != 4 or x.shape[1] != 3:
-                raise ValueError(f'with a VAE the input is RGB images (B, 3, H, W) in [-1, 1], got {tuple(x.shape)}')
-            with torch.no_grad():
-                dist = self.vae.encode(x).latent_dist
-                x = (dist.sample(generator=generator) if self.vae_sample else dist.mean) * self.vae_scale
-        if self.noise_t is not None:
-            t = torch.full((x.shape[0],), self.noise_t, device=x.device, dtype=torch.long)
-            x = q_sample(x, t, self.abar, generator=generator)[0]
+        """What the model is called with: the (VAE-encoded) input, noised at the model's t when ``noisy_input``."""
+        x = self.encode_input(x)
+        if self.noisy_input:
+            t = self.schedule.timesteps(self.t, x.shape[0], x.device)
+            x = self.noise_input(x, t, generator=generator or self.generator)[0]
         return x
 
     def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         return self.model(self.prepare(x, generator))
 
     def forward_intermediates(self, x: torch.Tensor, *args: Any, generator: Optional[torch.Generator] = None,
-                              **kwargs: Any):
+                              **kwargs: Any) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         return self.model.forward_intermediates(self.prepare(x, generator), *args, **kwargs)

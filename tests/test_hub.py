@@ -1,4 +1,4 @@
-"""Weights: every source, sha256, safe reading, strict loading, publishing, plain-timm export."""
+"""Weights: every source, sha256, safe reading, strict loading, EMA preference, publishing, plain-timm export."""
 import json
 import os
 import subprocess
@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ldae_models
-from ldae_models.pretrained import (CheckpointError, CheckpointMismatchError, ChecksumError, cfg_sha256, read_checkpoint,
-                                   sha256_of, sha256_note)
+from ldae_models.hub import (CheckpointError, CheckpointMismatchError, ChecksumError, SourceError, WeightSource,
+                             cfg_sha256, read_checkpoint, sha256_note, sha256_of, weight_source)
 from conftest import TINY, fake_hf_cache, randomize_, rel_err, smooth_images
 
 NAME = 'ldae_vit_tiny_patch4_32'
@@ -81,7 +81,7 @@ def test_url_source_downloads_once_and_checks_sha256(trained, tmp_path):
     cfg = dict(url=url, notes=(sha256_note(sha256_of(path)),))
     m = create(pretrained_cfg_overlay=cfg, cache_dir=str(tmp_path))
     assert same_weights(m, trained['enc_sd']) and (tmp_path / path.name).is_file()
-    assert ldae_models.pretrained.weights_available_offline(cfg, cache_dir=tmp_path)
+    assert weight_source(cfg).available_offline(cache_dir=tmp_path)
 
 
 def test_sha256_mismatch_raises_and_deletes_download(trained, tmp_path):
@@ -154,19 +154,67 @@ def test_position_embedding_resampled_and_new_head(trained):
 
 def test_packaged_file_source(trained, monkeypatch, tmp_path):
     """A tag whose ``file`` is shipped inside the package: resolved under ldae_models/weights, sha256 checked."""
-    from ldae_models import pretrained as P
-    monkeypatch.setattr(P, 'PACKAGE_WEIGHTS_DIR', tmp_path)
-    path = Path(P.packaged_file('tiny.safetensors'))
+    from ldae_models.hub import sources as S
+    monkeypatch.setattr(S, 'PACKAGE_WEIGHTS_DIR', tmp_path)
+    path = Path(S.packaged_file('tiny.safetensors'))
     assert path.parent == tmp_path
     path.write_bytes(trained['paths']['safetensors'].read_bytes())
     cfg = dict(file=str(path), notes=(sha256_note(sha256_of(path)),))
-    assert P.weights_available_offline(cfg)
+    assert weight_source(cfg) == WeightSource('file', str(path), None, sha256_of(path))
+    assert weight_source(cfg).available_offline()
     assert same_weights(create(pretrained_cfg_overlay=cfg), trained['enc_sd'])
 
 
 def test_no_weights_error():
-    with pytest.raises(CheckpointError, match='no pretrained weights exist for ldae_vit_base_patch16_256'):
+    with pytest.raises(SourceError, match='no pretrained weights exist for ldae_vit_base_patch16_256'):
         timm.create_model('ldae_vit_base_patch16_256', pretrained=True, depth=1)
+
+
+def test_unreachable_sources_say_so(tmp_path, monkeypatch):
+    """Offline, a URL tag and a hub tag fail with one message naming the source (not a raw URLError)."""
+    with pytest.raises(SourceError, match=r'cannot download https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256'):
+        timm.create_model('dit_xl_patch2_256.fb_in1k', pretrained=True, depth=1, cache_dir=str(tmp_path))
+    with pytest.raises(SourceError, match=r"cannot fetch .* from the Hugging Face repo 'facebook/DiT-XL-2-256'.*OFFLINE"):
+        timm.create_model('dit_xl_patch2_256.fb_in1k_diffusers', pretrained=True, depth=1, cache_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize('content', [b'just some text, renamed .pth\n', b'PK\x03\x04 not really a zip', b''])
+def test_files_that_are_not_checkpoints_are_named(tmp_path, content):
+    bad = tmp_path / 'notes.pth'
+    bad.write_bytes(content)
+    with pytest.raises(CheckpointError, match='notes.pth is not a readable checkpoint'):
+        create(pretrained_cfg_overlay=dict(file=str(bad)))
+    with pytest.raises(CheckpointError, match='notes.pth is not a readable checkpoint'):
+        ldae_models.create_dae(NAME, checkpoint=str(bad), **TINY)
+
+
+def test_training_checkpoints_load_their_ema(trained, tmp_path):
+    """A checkpoint with 'model' and 'ema' loads the EMA weights (our trainer's, timm's 'model_ema', DDAE's 'EMA')."""
+    from ldae_models.hub import unwrap_state_dict
+    live = {k: torch.zeros_like(v) for k, v in trained['enc_sd'].items()}
+    for key in ('ema', 'model_ema', 'EMA'):
+        path = tmp_path / f'{key}.pth'
+        torch.save({'model': live, key: trained['enc_sd'], 'step': 3}, path)
+        assert same_weights(create(pretrained_cfg_overlay=dict(file=str(path))), trained['enc_sd'])
+    raw = unwrap_state_dict({'model': live, 'ema': trained['enc_sd']}, prefer_ema=False)
+    assert all(torch.equal(raw[k], live[k]) for k in live)
+
+
+def test_a_random_model_claims_no_checkpoint(tmp_path):
+    """A model created without weights saves and exports without the tag's description or sha256 (defect g), and a
+    saved file's description says what the file holds (defect 9 of the new-user report)."""
+    for merged in (False, True):
+        model = timm.create_model(NAME, merged=merged, **TINY)
+        out = ldae_models.save_pretrained(model, tmp_path / f'random{merged}')
+        cfg = json.loads((out / 'config.json').read_text())['pretrained_cfg']
+        assert 'CIFAR-10' not in cfg['description'] and 'float16' not in cfg['description']
+        assert cfg_sha256(cfg) == sha256_of(out / 'model.safetensors')  # the note of the file written, only
+        assert [n for n in cfg['notes'] if n.startswith('sha256:')] == [sha256_note(sha256_of(out / 'model.safetensors'))]
+    shipped = timm.create_model('ldae_vit_tiny_patch4_32.cifar10', pretrained=True, merged=False)
+    out = ldae_models.save_pretrained(shipped, tmp_path / 'shipped')
+    cfg = json.loads((out / 'config.json').read_text())['pretrained_cfg']
+    assert 'whole DAE' not in cfg['description'] and 'float32' in cfg['description']  # encoder-only, float32
+    assert cfg['license'] == 'apache-2.0'
 
 
 def test_every_listed_tag_has_real_bytes():

@@ -1,0 +1,153 @@
+"""Reading checkpoints safely and loading them into a model, strictly.
+
+``load_pretrained(model, cfg, filter_fn)`` is the one loading path of the zoo, whatever the source:
+
+1. the cfg's source gives the bytes (``sources.weight_source``: found or fetched, sha256 checked);
+2. they are read safely (``read_checkpoint``): safetensors with ``safetensors``, anything else only with
+   ``torch.load(weights_only=True)``, which refuses to unpickle code; a file that is neither gets a
+   ``CheckpointError`` naming it;
+3. a training checkpoint is unwrapped once (``unwrap_state_dict``: the EMA weights when it carries them);
+4. the model's filter converts the layout (each family's ``checkpoint_filter_fn``);
+5. the state dict is loaded strictly: any missing key, unexpected key or shape mismatch raises a
+   ``CheckpointMismatchError`` listing them all, instead of a silent partial load.
+"""
+import pickle
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .sources import CheckpointError, PathLike, SourceError, weight_source
+
+__all__ = ['CheckpointMismatchError', 'read_checkpoint', 'unwrap_state_dict', 'load_state_dict_strict',
+           'load_pretrained', 'FilterFn']
+
+FilterFn = Callable[[Dict[str, torch.Tensor], nn.Module], Dict[str, torch.Tensor]]
+# Where training checkpoints keep their weights, the EMA first (ours: 'ema'; timm: 'model_ema'; DDAE: 'EMA').
+_EMA_KEYS = ('ema', 'model_ema', 'EMA')
+_MODEL_KEYS = ('model', 'state_dict', 'MODEL', 'module')
+_WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DistributedDataParallel, torch.compile
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A state dict whose keys or shapes differ from the model's."""
+
+
+def _is_safetensors(path: Path) -> bool:
+    if path.suffix == '.safetensors':
+        return True
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b'{'  # 8-byte little-endian header size, then JSON
+
+
+def read_checkpoint(path: PathLike) -> Dict[str, Any]:
+    """Read a checkpoint file safely: safetensors, else ``torch.load(weights_only=True)``.
+
+    Raises:
+        CheckpointError: a missing, truncated or corrupt file, a file that is not a checkpoint at all, or a pickle
+            that holds anything but tensors and plain containers (refused: no code in it runs).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'checkpoint not found: {path}')
+    if _is_safetensors(path):
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 -- SafetensorError, OSError, ...: one message naming the file
+            raise CheckpointError(f'{path} is not a readable safetensors file (truncated or corrupt?): {e}') from None
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = [ln.strip() for ln in str(e).splitlines() if 'Unsupported global' in ln]
+        if unsafe:
+            raise CheckpointError(f'refusing to load {path}: it is a pickle that references code or objects other '
+                                  f'than tensors and plain containers ({unsafe[0]}); weights_only loading does not '
+                                  f'unpickle them, so nothing in it was run. Convert trusted files to safetensors.'
+                                  ) from None
+        raise CheckpointError(f'{path} is not a readable checkpoint (truncated, corrupt, or not a torch file)') from None
+    except Exception as e:  # noqa: BLE001 -- a text file, a zip of something else: whatever torch raises
+        raise CheckpointError(f'{path} is not a readable checkpoint (truncated, corrupt, or not a torch or '
+                              f'safetensors file): {type(e).__name__}: {e}') from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f'{path} holds a {type(state).__name__}, not a state dict or a training checkpoint')
+    return state
+
+
+def _tensor_dict(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def unwrap_state_dict(checkpoint: Dict[str, Any], prefer_ema: bool = True) -> Dict[str, torch.Tensor]:
+    """The state dict inside a training checkpoint, wrapper prefixes stripped.
+
+    Looks under the EMA keys first (``ema``, ``model_ema``, ``EMA``) when ``prefer_ema``, then ``model``,
+    ``state_dict``, ``MODEL``, ``module``; keys lose ``module.`` (DDP) and ``_orig_mod.`` (torch.compile); entries
+    that are not tensors (step counters, arguments) are dropped. A plain state dict passes through.
+    """
+    keys = (_EMA_KEYS if prefer_ema else ()) + _MODEL_KEYS + (() if prefer_ema else _EMA_KEYS)
+    sd = next((checkpoint[k] for k in keys if _tensor_dict(checkpoint.get(k))), checkpoint)
+    out = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        while k.startswith(_WRAPPER_PREFIXES):
+            k = k.split('.', 1)[1]
+        out[k] = v
+    return out
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor], what: str = 'checkpoint',
+                           allow_missing: Iterable[str] = ()) -> None:
+    """Load with every problem reported at once: missing keys, unexpected keys, shape mismatches."""
+    own = model.state_dict()
+    allow = tuple(allow_missing)
+    missing = [k for k in own if k not in state_dict and not k.startswith(allow)]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}'
+              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        def fmt(items: List[str]) -> str:
+            return ', '.join(items[:12]) + (f' ... ({len(items)} in all)' if len(items) > 12 else '')
+        lines = [f'{what} does not fit {type(model).__name__} (a checkpoint of another model or size?):']
+        if missing:
+            lines.append(f'  missing keys: {fmt(missing)}')
+        if unexpected:
+            lines.append(f'  unexpected keys: {fmt(unexpected)}')
+        if shapes:
+            lines.append(f'  shape mismatches: {fmt(shapes)}')
+        raise CheckpointMismatchError('\n'.join(lines))
+    model.load_state_dict(state_dict, strict=False)
+
+
+def load_pretrained(
+        model: nn.Module,
+        pretrained_cfg: Dict[str, Any],
+        filter_fn: Optional[FilterFn] = None,
+        cache_dir: Optional[PathLike] = None,
+) -> nn.Module:
+    """Load the weights a pretrained cfg names into ``model`` (the steps are in the module docstring)."""
+    cfg = dict(pretrained_cfg)
+    if cfg.get('state_dict') is not None:
+        state, what = cfg['state_dict'], 'state_dict'
+    else:
+        source = weight_source(cfg)
+        if source is None:
+            name = cfg.get('architecture', 'this model') + (f".{cfg['tag']}" if cfg.get('tag') else '')
+            raise SourceError(f'no pretrained weights exist for {name}; use pretrained=False, or '
+                              f'pretrained_cfg_overlay=dict(file=...) for your own file')
+        path = source.fetch(cache_dir)
+        state, what = read_checkpoint(path), str(path)
+    state = unwrap_state_dict(state)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
+    allow_missing: Tuple[str, ...] = ()
+    classifier = cfg.get('classifier')
+    if classifier and getattr(model, 'num_classes', None) != cfg.get('num_classes', getattr(model, 'num_classes', None)):
+        # a new head: drop the checkpoint's classifier and keep the model's fresh one
+        state = {k: v for k, v in state.items() if not k.startswith(classifier + '.')}
+        allow_missing = (classifier + '.',)
+    load_state_dict_strict(model, state, what=what, allow_missing=allow_missing)
+    return model

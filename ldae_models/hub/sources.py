@@ -1,0 +1,213 @@
+"""Where weights come from: one table of source kinds, each source with the sha256 its bytes must have.
+
+Weights are data. Every model file lists its tags as timm pretrained cfgs (``arch.tag``); a cfg names at most one
+source of bytes through the keys in ``SOURCE_KEYS``, read in timm's order:
+
+1. an ``hf-hub:ORG/NAME`` (or ``local-dir:PATH``) model name, which timm turns into ``source='hf-hub'`` +
+   ``hf_hub_id`` (or ``file``);
+2. ``file``: a local path (a file shipped inside the package is a ``file`` made by ``packaged_file``);
+3. ``hf_hub_id`` (+ ``hf_hub_filename``): a Hugging Face repository, through ``huggingface_hub`` and its cache, which
+   works offline with ``HF_HUB_OFFLINE=1``;
+4. ``url``: downloaded once into the torch hub cache.
+
+A tag's sha256 is a note ``'sha256:<hex>'`` in its cfg (timm's cfg has no field for it; a note travels with the cfg
+into ``config.json`` and back). It belongs to the tag's own source: when ``pretrained_cfg_overlay`` points the tag at
+another file and brings no note of its own, the tag's note does not apply (``WeightSource.sha256`` is then None).
+``weight_source(cfg)`` is the one function that decides whether a cfg has bytes.
+"""
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+from urllib.parse import urlparse
+
+import torch
+
+__all__ = [
+    'SOURCE_KEYS', 'WeightSource', 'CheckpointError', 'ChecksumError', 'SourceError', 'weight_source', 'packaged_file', 'sha256_note',
+    'cfg_sha256', 'sha256_of', 'strip_weights_info', 'PACKAGE_WEIGHTS_DIR', 'SAFETENSORS_NAME', 'PICKLE_NAME',
+]
+
+PathLike = Union[str, os.PathLike]
+PACKAGE_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / 'weights'
+SAFETENSORS_NAME = 'model.safetensors'
+PICKLE_NAME = 'pytorch_model.bin'
+# The keys of a pretrained cfg that say where bytes are, in the order timm tries them.
+SOURCE_KEYS = ('file', 'hf_hub_id', 'hf_hub_filename', 'url')
+# What a cfg says about particular bytes (and must not be kept when a model has none of them).
+WEIGHTS_INFO_KEYS = SOURCE_KEYS + ('source', 'tag', 'description', 'notes', 'license', 'origin_url', 'state_dict')
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found, fetched, read, or that does not fit the model (base of the errors here)."""
+
+
+class SourceError(CheckpointError):
+    """Bytes that cannot be found or fetched."""
+
+
+class ChecksumError(SourceError):
+    """The bytes of a checkpoint do not have the sha256 their source names."""
+
+
+def packaged_file(name: str) -> str:
+    """Path of a weight file shipped inside the package (``ldae_models/weights/NAME``)."""
+    return str(PACKAGE_WEIGHTS_DIR / name)
+
+
+def sha256_note(digest: str) -> str:
+    return f'sha256:{digest.lower()}'
+
+
+def cfg_sha256(cfg: Dict[str, Any]) -> Optional[str]:
+    """The sha256 recorded in a pretrained cfg's notes, if any."""
+    for note in cfg.get('notes') or ():
+        if isinstance(note, str) and note.startswith('sha256:'):
+            return note.split(':', 1)[1].strip().lower()
+    return None
+
+
+def sha256_of(path: PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(chunk), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def strip_weights_info(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """A cfg that describes the architecture only: for a model created without weights, so that nothing written
+    from it claims to be a released checkpoint."""
+    return {k: v for k, v in cfg.items() if k not in WEIGHTS_INFO_KEYS}
+
+
+def _registered_cfg(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    arch = cfg.get('architecture')
+    if not arch:
+        return None
+    try:
+        from timm.models import get_pretrained_cfg
+        found = get_pretrained_cfg(f"{arch}.{cfg['tag']}" if cfg.get('tag') else arch, allow_unregistered=True)
+    except Exception:  # noqa: BLE001 -- an unknown name: the cfg stands alone
+        return None
+    return found.to_dict() if found is not None else None
+
+
+def _sha256_for_source(cfg: Dict[str, Any]) -> Optional[str]:
+    """The sha256 that the cfg's own source must have (see the module docstring)."""
+    sha = cfg_sha256(cfg)
+    registered = _registered_cfg(cfg) if sha else None
+    if registered is None or cfg_sha256(registered) != sha:
+        return sha  # a cfg of its own (config.json, an overlay with its own note)
+    same_source = all(cfg.get(k) == registered.get(k) for k in SOURCE_KEYS)
+    return sha if same_source else None
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """One place bytes come from, and the sha256 they must have (None: not recorded)."""
+
+    kind: str                        # 'hf-hub' | 'file' | 'url'
+    location: str                    # repository id (optionally @revision), path, or URL
+    filename: Optional[str] = None   # file inside a repository (default: model.safetensors, then pytorch_model.bin)
+    sha256: Optional[str] = None
+
+    def describe(self) -> str:
+        if self.kind == 'hf-hub':
+            return f'hf-hub:{self.location}' + (f'/{self.filename}' if self.filename else '')
+        return self.location
+
+    # -- finding the bytes ---------------------------------------------------------------------------
+    def _hub_names(self) -> List[str]:
+        if self.filename and self.filename.endswith('.safetensors'):  # safetensors first, then a pickle of that name
+            return [self.filename, self.filename[:-len('.safetensors')] + '.bin']
+        return [self.filename] if self.filename else [SAFETENSORS_NAME, PICKLE_NAME]
+
+    def _url_path(self, cache_dir: Optional[PathLike]) -> Path:
+        root = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / 'checkpoints'
+        return root / (os.path.basename(urlparse(self.location).path) or 'checkpoint')
+
+    def fetch(self, cache_dir: Optional[PathLike] = None) -> Path:
+        """The local path of the bytes (downloading them once when needed), checked against ``sha256``.
+
+        A downloaded file that fails the check is deleted; a local file of the user's is reported, not deleted.
+        """
+        if self.kind == 'file':
+            path = Path(self.location)
+            if path.is_dir():
+                path = next((path / n for n in (SAFETENSORS_NAME, PICKLE_NAME) if (path / n).is_file()), path)
+                if path.is_dir():
+                    raise SourceError(f'no {SAFETENSORS_NAME} or {PICKLE_NAME} in {self.location}')
+            if not path.is_file():
+                raise SourceError(f'weight file not found: {path}')
+            self._verify(path, downloaded=False)
+            return path
+        if self.kind == 'hf-hub':
+            path = self._hf_download(cache_dir)
+        else:
+            path = self._url_download(cache_dir)
+        self._verify(path, downloaded=True)
+        return path
+
+    def _hf_download(self, cache_dir: Optional[PathLike]) -> Path:
+        from huggingface_hub import hf_hub_download
+        repo, _, revision = self.location.partition('@')
+        last: Optional[Exception] = None
+        for name in self._hub_names():
+            try:
+                return Path(hf_hub_download(repo, name, revision=revision or None, cache_dir=cache_dir))
+            except Exception as e:  # noqa: BLE001 -- not found, offline, no network: try the next name, then report
+                last = e
+        offline = os.environ.get('HF_HUB_OFFLINE', '0') not in ('0', '', 'false', 'False')
+        raise SourceError(f'cannot fetch {" or ".join(self._hub_names())} from the Hugging Face repo {repo!r}'
+                          + (' (HF_HUB_OFFLINE is set: is it in the cache?)' if offline else ' (no network access?)')
+                          + f': {type(last).__name__}: {str(last).splitlines()[0] if str(last) else ""}')
+
+    def _url_download(self, cache_dir: Optional[PathLike]) -> Path:
+        dst = self._url_path(cache_dir)
+        if not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                torch.hub.download_url_to_file(self.location, str(dst), hash_prefix=None, progress=False)
+            except Exception as e:  # noqa: BLE001 -- URLError, HTTPError, timeouts: one clear message
+                raise SourceError(f'cannot download {self.location} (no network access, or the file moved?): '
+                                  f'{type(e).__name__}: {e}') from None
+        return dst
+
+    def _verify(self, path: Path, downloaded: bool) -> None:
+        if not self.sha256:
+            return
+        got = sha256_of(path)
+        if got == self.sha256:
+            return
+        if downloaded:
+            for p in {path, path.resolve()}:  # a Hugging Face cache entry is a link to a blob: delete both
+                p.unlink(missing_ok=True)
+        raise ChecksumError(f'sha256 mismatch for {self.describe()}: expected {self.sha256}, got {got}'
+                            + ('; the downloaded file was deleted' if downloaded else ''))
+
+    def available_offline(self, cache_dir: Optional[PathLike] = None) -> bool:
+        """Whether the bytes are on this machine (packaged, local or cached), without fetching anything."""
+        if self.kind == 'file':
+            return Path(self.location).exists()
+        if self.kind == 'url':
+            return self._url_path(cache_dir).is_file()
+        from huggingface_hub import try_to_load_from_cache
+        repo = self.location.split('@', 1)[0]
+        return any(isinstance(try_to_load_from_cache(repo, n, cache_dir=cache_dir), str) for n in self._hub_names())
+
+
+def weight_source(cfg: Dict[str, Any]) -> Optional[WeightSource]:
+    """The source a pretrained cfg names, in timm's order, or None when it names no bytes."""
+    sha = _sha256_for_source(cfg)
+    if cfg.get('source') == 'hf-hub' and cfg.get('hf_hub_id'):
+        return WeightSource('hf-hub', cfg['hf_hub_id'], cfg.get('hf_hub_filename'), sha)
+    if cfg.get('file'):
+        return WeightSource('file', str(cfg['file']), None, sha)
+    if cfg.get('hf_hub_id'):
+        return WeightSource('hf-hub', cfg['hf_hub_id'], cfg.get('hf_hub_filename'), sha)
+    url = cfg.get('url')
+    if url:
+        return WeightSource('url', url if isinstance(url, str) else url[0], None, sha)
+    return None

@@ -1,0 +1,105 @@
+"""Probes: the fast linear probe reaches the optimum (against an L-BFGS reference), kNN, floors, MAE's protocol."""
+import inspect
+
+import pytest
+import timm
+import torch
+
+import ldae_models
+from ldae_models.data import ImageData
+from ldae_models.probe import (check_against_lbfgs, fit_linear_probe, knn_accuracy, mae_linear_probe, pixel_features,
+                               random_counterpart)
+from conftest import TINY, randomize_, smooth_images
+
+
+def ill_conditioned(n=3000, d=24, classes=4, seed=0, lo=-1.5, hi=1.5):
+    """Gaussian classes seen through a linear map with singular values from 10^lo to 10^hi (condition number 1e6 on
+    the covariance by default, like the shipped encoder's features: 7e6)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    centers = torch.randn(classes, d, generator=g)
+    z = centers[y] + 2.5 * torch.randn(n, d, generator=g)  # overlapping classes, like CIFAR features
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    x = (z * torch.logspace(lo, hi, d)) @ q
+    return x[:2000], y[:2000], x[2000:], y[2000:]
+
+
+def test_fast_probe_reaches_the_optimum():
+    xtr, ytr, xte, yte = ill_conditioned()
+    check = check_against_lbfgs(xtr, ytr, xte, yte, max_iter=20000)
+    # the reference converges here (thousands of iterations); the fast probe gets there in tens
+    assert abs(check['top1_gap']) <= 1.0 and abs(check['fast_objective'] - check['lbfgs_objective']) < 2e-3
+    assert check['lbfgs_iterations'] > 20 * fit_linear_probe(xtr, ytr, xte, yte)['iterations']
+    # worse conditioned (1e10): the reference stops short of the optimum; the fast probe does not
+    harsh = check_against_lbfgs(*ill_conditioned(lo=-3, hi=2), max_iter=20000)
+    assert harsh['fast_objective'] < harsh['lbfgs_objective']
+    adam = fit_linear_probe(xtr, ytr, xte, yte, solver='adam', epochs=200, lr=1e-2, batch_size=256)
+    assert adam['objective'] < check['fast_objective'] + 5e-3 and abs(adam['top1'] - check['fast_top1']) <= 1.0
+    plain = fit_linear_probe(xtr, ytr, xte, yte, whiten=False, max_iter=50)  # few iterations, no whitening: far off
+    assert plain['objective'] > check['fast_objective'] + 1e-2
+
+
+def test_probe_head_is_maes_and_reproduces_the_accuracy():
+    xtr, ytr, xte, yte = ill_conditioned(seed=1)
+    r = fit_linear_probe(xtr, ytr, xte, yte)
+    head = r['head']
+    assert isinstance(head.bn, torch.nn.BatchNorm1d) and not head.bn.affine
+    with torch.no_grad():
+        assert 100 * (head(xte).argmax(1) == yte).float().mean().item() == pytest.approx(r['top1'], abs=0.11)
+    with pytest.raises(ValueError, match='solver'):
+        fit_linear_probe(xtr, ytr, xte, yte, solver='sgd')
+
+
+def test_knn():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 16, generator=g) * 4
+    y = torch.randint(0, 5, (600,), generator=g)
+    x = centers[y] + torch.randn(600, 16, generator=g)
+    assert knn_accuracy(x[:500], y[:500], x[500:], y[500:], k=20) > 95
+    assert knn_accuracy(torch.randn(500, 16, generator=g), y[:500], x[500:], y[500:]) < 50
+
+
+def test_floors():
+    enc = timm.create_model('ldae_vit_tiny_patch4_32', merged=False, **TINY)
+    floor = random_counterpart(enc)
+    assert isinstance(floor, timm.models.VisionTransformer) and floor.embed_dim == 32 and len(floor.blocks) == 2
+    assert floor.blocks[0].attn.proj.weight.abs().sum() > 0  # timm's init: the blocks are active, not the identity
+    unet = timm.create_model('ddae_ddpm_cifar10_32', base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                             norm_groups=8, out_k=2)
+    assert type(random_counterpart(unet)) is type(unet)
+    images = (torch.rand(3, 3, 64, 64) * 255).to(torch.uint8)
+    data = ImageData(images, torch.zeros(3, dtype=torch.long), ('a',))
+    assert pixel_features(data).shape == (3, 3 * 32 * 32)  # 64 x 64 pooled to fit 3072 values
+    small = ImageData(images[:, :, :32, :32].contiguous(), torch.zeros(3, dtype=torch.long), ('a',))
+    assert torch.allclose(pixel_features(small), (small.images.float() / 255 * 2 - 1).flatten(1))
+
+
+def test_mae_protocol_is_maes(monkeypatch):
+    defaults = {k: v.default for k, v in inspect.signature(mae_linear_probe).parameters.items()}
+    assert (defaults['epochs'], defaults['warmup_epochs'], defaults['batch_size'], defaults['blr']) == (90, 10, 16384, 0.1)
+    import timm.optim
+    made = {}
+    real = timm.optim.Lars
+
+    def spy(params, **kw):
+        made.update(kw)
+        return real(params, **kw)
+
+    monkeypatch.setattr(timm.optim, 'Lars', spy)
+    torch.manual_seed(0)
+    dae = ldae_models.LatentDAE(**TINY)
+    dae.fit_tokenizer([smooth_images(8, seed=s) for s in range(3)])
+    randomize_(dae, seed=2)
+    enc = dae.encoder.eval()
+    calls = []
+    original = enc.noise_input
+    monkeypatch.setattr(enc, 'noise_input', lambda *a, **k: calls.append(1) or original(*a, **k))
+    images = ((smooth_images(32, seed=5) + 1) * 127.5).round().to(torch.uint8)
+    data = ImageData(images, torch.arange(32) % 2, ('a', 'b'))
+    for noisy in (False, True):
+        calls.clear()
+        r = mae_linear_probe(enc, data, data, epochs=2, warmup_epochs=1, batch_size=16, micro_batch=8,
+                             noisy_input=noisy)
+        assert 0 <= r['top1'] <= 100 and r['steps'] == 4 and r['lr'] == pytest.approx(0.1 * 16 / 256)
+        assert (len(calls) > 0) == noisy  # the noisy-input flag reaches the encoder (it used to be ignored)
+    assert made['always_adapt'] is True and made['trust_coeff'] == 0.001 and made['weight_decay'] == 0.0
