@@ -172,11 +172,13 @@ def denoising_figure(images: torch.Tensor, noisy: torch.Tensor, pred: torch.Tens
 
 def cmd_denoise(args: argparse.Namespace) -> int:
     """The paper's Fig. 8: clean image, its latent-noised version (the network input), the denoised output."""
-    from .models import create_dae, names_weights
+    from .models import full_model, names_weights
     if not args.checkpoint and not names_weights(args.model):
         raise ValueError(f'{args.model} names no weights: give a tag (e.g. {DEFAULT_MODEL}) or --checkpoint FILE')
-    dae = create_dae(args.model, pretrained=not args.checkpoint, checkpoint=args.checkpoint,
+    dae = full_model(args.model, pretrained=not args.checkpoint, checkpoint=args.checkpoint,
                      **_json_object(args.model_args)).eval()
+    if not hasattr(dae, 'tokenizer'):
+        raise ValueError(f'{args.model} is not an l-DAE: denoise draws the l-DAE figure')
     if not dae.tokenizer.fitted:
         raise ValueError(f'{args.checkpoint or args.model} carries no fitted PCA tokenizer')
     size = tuple(dae.encoder.patch_embed.img_size)
@@ -225,7 +227,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import timm
     from .hub.sources import cfg_sha256, weight_source
-    from .models import list_daes, pretrained_cfg_for
+    from .models import full_model, pretrained_cfg_for
     cfg = pretrained_cfg_for(args.name)
     with torch.device('meta'):
         enc = timm.create_model(args.name.split('.')[0], merged=False)
@@ -238,10 +240,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         from timm.models import VisionTransformer
         with torch.device('meta'):
             print(f'  parameters: merged {count(VisionTransformer(**enc.vit_args())):,}')
-    if args.name.split('.')[0] in list_daes():
-        from .models import create_dae
-        with torch.device('meta'):
-            print(f'  parameters: full DAE {count(create_dae(args.name.split(".")[0])):,}')
+    with torch.device('meta'):
+        full = full_model(args.name.split('.')[0])
+    if full is not enc and type(full) is not type(enc):
+        print(f'  parameters: full {type(full).__name__} {count(full):,}')
     src = weight_source(cfg)
     print('  weights: ' + ('none' if src is None else f'{src.describe()} (offline: {src.available_offline()}, '
                                                      f'sha256: {cfg_sha256(cfg)})'))
@@ -253,11 +255,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from fnmatch import fnmatchcase
     from safetensors.torch import save_file
     from .hub.checkpoint import read_checkpoint, unwrap_state_dict
-    if args.dae:  # the whole l-DAE, checked by a strict load into create_dae
-        from .models import create_dae
+    if args.full:  # the whole model (an l-DAE's decoder and tokenizer too), checked by a strict load
+        from .models import full_model
         if not args.model:
-            raise ValueError('--dae needs --model (the l-DAE size)')
-        state = create_dae(args.model, checkpoint=args.src, **_json_object(args.model_args)).state_dict()
+            raise ValueError('--full needs --model (the architecture)')
+        state = full_model(args.model, checkpoint=args.src, **_json_object(args.model_args)).state_dict()
     elif args.model:  # through the model's own filter and strict load: the result is known to fit
         from .models import load_model
         state = load_model(args.model, checkpoint=args.src, merged=False, **_json_object(args.model_args)).state_dict()
@@ -588,8 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--model', help="convert through this model's filter and check that every key fits it")
     p.add_argument('--model-args', help='JSON object of model keyword arguments, e.g. \'{"depth": 6}\'')
     p.add_argument('--no-ema', action='store_true', help="take a training checkpoint's model weights, not its EMA")
-    p.add_argument('--dae', action='store_true', help='the file holds the whole l-DAE (decoder and PCA tokenizer too): '
-                   'keep it all, checked by a strict load into create_dae(--model)')
+    p.add_argument('--full', '--dae', action='store_true', help='the file holds the whole model (an l-DAE: decoder and '
+                   'PCA tokenizer too): keep it all, checked by a strict load into the whole --model')
     p.add_argument('--dtype', choices=['float32', 'float16', 'bfloat16'],
                    help="store floating-point tensors in this type (loading casts back to the model's)")
     p.add_argument('--keep', nargs='*', metavar='GLOB', help='keys that keep their dtype under --dtype (default: '

@@ -7,34 +7,23 @@ batch, with a progress bar; ``save_feature_shards`` / ``load_feature_shards`` ke
 """
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from .data import ImageData, normalize
-from .models.extractor import FeatureDict, LayerSpec, TimestepSpec, as_extractor
+from .models.extractor import FeatureDict, LayerSpec, TimestepSpec, as_extractor  # noqa: F401
 
 __all__ = ['extract_features', 'ddae_grid_features', 'dataset_features', 'feature_key', 'save_feature_shards',
            'load_feature_shards']
 
 
-def extract_features(
-        model: nn.Module,
-        images: torch.Tensor,
-        layers: LayerSpec = None,
-        ts: TimestepSpec = None,
-        noisy_input: Optional[bool] = None,
-        generator: Optional[torch.Generator] = None,
-        pool: bool = True,
-) -> FeatureDict:
-    """``{(layer, t): (B, C)}``: features of ``layers`` at timesteps ``ts`` (see ``FeatureExtractor.extract_features``).
-
-    ``model`` is any zoo model (conditional or merged encoder, full DAE, DiT encoder with or without VAE, DDAE UNet) or
-    any timm model with ``forward_intermediates`` (no t: pass ``ts=None``).
-    """
-    return as_extractor(model).extract_features(images, layers=layers, ts=ts, noisy_input=noisy_input,
-                                                generator=generator, pool=pool)
+def extract_features(model: nn.Module, images: torch.Tensor, **kwargs: Any) -> FeatureDict:
+    """``{(layer, t): (B, C)}``: ``FeatureExtractor.extract_features(images, layers=None, ts=None, noisy_input=None,
+    generator=None, pool=True)`` of any zoo model (conditional or merged encoder, full DAE, DiT encoder with or without
+    VAE, DDAE UNet) or of any timm model with ``forward_intermediates`` (which has no t: ``ts=None``)."""
+    return as_extractor(model).extract_features(images, **kwargs)
 
 
 def ddae_grid_features(model: nn.Module, images: torch.Tensor, out_ks: Sequence[int], ts: Sequence[float],
@@ -123,7 +112,3 @@ def load_feature_shards(path: Union[str, Path]) -> Tuple[FeatureDict, torch.Tens
     feats = {(k['layer'], k['t']): torch.cat([p[k['name']] for p in parts]) for k in index['keys']}
     labels = torch.cat([p['labels'] for p in parts])
     return feats, labels, index
-
-
-def iter_keys(features: Iterable[Tuple[int, Optional[float]]]) -> List[Tuple[int, Optional[float]]]:
-    return sorted(features, key=lambda k: (k[0], -1 if k[1] is None else k[1]))

@@ -119,8 +119,8 @@ class TrainConfig:
     log_every: int = _arg(50, 'steps between JSON log lines')
     quiet: bool = _arg(False, 'no progress bar')
 
-    def dae_kwargs(self) -> Dict[str, Any]:
-        """The l-DAE constructor arguments: ``model_args`` and the ablation fields that are set."""
+    def model_kwargs(self) -> Dict[str, Any]:
+        """The whole model's constructor arguments: ``model_args`` and the l-DAE ablation fields that are set."""
         kw = dict(self.model_args)
         for key in ('target', 'noise_space', 'schedule', 'latent_dim', 'latent_scale', 'residual_weight'):
             value = getattr(self, key)
@@ -172,13 +172,16 @@ def lr_at(step: int, total: int, warmup: int, peak: float, min_lr: float = 0.0) 
 # -- model and objective ----------------------------------------------------------------------------------------
 
 def build_model(cfg: TrainConfig) -> nn.Module:
-    """The model a config trains: a ``LatentDAE`` (with the ablations) or a ``DDAEUNet``."""
-    from .models.ddae_unet import UNET_CONFIGS, DDAEUNet
-    from .models.ldae_vit import create_dae
-    if cfg.model in UNET_CONFIGS:
-        args = {k: v for k, v in UNET_CONFIGS[cfg.model].items() if k not in ('out_k', 't')}
-        return DDAEUNet(**{**args, 'out_k': 1, **cfg.model_args})  # the feature tap plays no part in training
-    return create_dae(cfg.model, **cfg.dae_kwargs())
+    """The whole model a config trains (``models.full_model``): an l-DAE (with the ablations) or a DDAE UNet."""
+    from .models import full_model
+    kwargs = cfg.model_kwargs()
+    try:
+        model = full_model(cfg.model, **kwargs)
+    except TypeError as e:
+        raise ValueError(f'{cfg.model} does not take these arguments ({sorted(kwargs)}): {e}') from None
+    if not hasattr(model, 'training_loss'):
+        raise ValueError(f'{cfg.model} has no training objective here (the l-DAE and DDAE UNet families train)')
+    return model
 
 
 class TrainingObjective(nn.Module):
@@ -407,7 +410,6 @@ def _fit_pca(model: nn.Module, cfg: TrainConfig, data: Optional[ImageData], fold
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Run a config to its end (or resume it); returns the last step, the last log record and the weights' path."""
-    from .models.ldae_vit import LatentDAE
     rank, world, device = setup_distributed(cfg.device)
     is_main = rank == 0
     if not cfg.out:
@@ -418,8 +420,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     torch.manual_seed(cfg.seed)
 
     model = build_model(cfg).to(device)
-    is_dae = isinstance(model, LatentDAE)
-    img_size = model.encoder.patch_embed.img_size[0] if is_dae else model.img_size
+    is_dae = hasattr(model, 'tokenizer')  # an l-DAE: its PCA is fitted first, its encoder exported last
+    img_size = int(model.encoder.input_size()[-1]) if is_dae else int(model.input_size()[-1])
     log.stage('data', dataset=cfg.dataset, root=str(cfg.data_root))
     data, folder, n = _load_data(cfg, img_size, device, is_main)
     steps_per_epoch = n // cfg.batch_size
@@ -458,9 +460,9 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             ema.module.load_state_dict(model.state_dict())
 
     if cfg.grad_checkpointing:
-        if not is_dae:
-            raise ValueError('--grad-checkpointing is available for the l-DAE models')
-        model.encoder.set_grad_checkpointing(True)  # the DAE runs all its blocks through the encoder's runner
+        if not hasattr(model, 'set_grad_checkpointing'):
+            raise ValueError(f'--grad-checkpointing is not available for {cfg.model}')
+        model.set_grad_checkpointing(True)
     net: nn.Module = TrainingObjective(model)
     if cfg.compile:
         net = torch.compile(net)

@@ -115,7 +115,7 @@ def test_list_and_info(capsys):
     assert 'ldae_vit_large_patch16_256' in out and 'dit_xl_patch2_256.fb_in1k' in out and 'ddae_ddpm_cifar10_32' in out
     assert main(['info', 'ldae_vit_b']) == 0
     out = capsys.readouterr().out
-    assert 'merged 85,841,664' in out and 'arXiv:2401.14404' in out and 'full DAE 198,0' in out
+    assert 'merged 85,841,664' in out and 'arXiv:2401.14404' in out and 'full LatentDAE 198,0' in out
 
 
 def test_convert_training_checkpoint(ckpt, tmp_path, capsys):

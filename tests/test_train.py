@@ -223,7 +223,7 @@ def test_ddpm_objective_for_a_unet(folder, tmp_path):
     cfg = config(folder, tmp_path / 'unet', '--model', 'ddae_ddpm_cifar10_32', '--max-steps', '3', '--warmup-epochs',
                  '0', '--lr', '1e-3', '--ema', '0')
     cfg.model_args = dict(img_size=16, base_channels=16, channel_mult=[1, 2], num_res_blocks=1, norm_groups=4,
-                          attn_resolutions=[8])
+                          attn_resolutions=[8], out_k=1)
     res = T.train(cfg)
     assert res['step'] == 3 and res['last']['loss'] > 0
     assert 'up.0.blocks.0.res.conv1.weight' in load_file(res['weights'])

@@ -13,7 +13,7 @@ import torch.nn as nn
 from timm.layers import Attention, Mlp
 from timm.layers.activations import GELUTanh
 
-__all__ = ['modulate', 'adaln_modulation', 'AdaLNBlock', 'FinalLayer', 'LN_EPS']
+__all__ = ['modulate', 'adaln_modulation', 'AdaLNBlock', 'FinalLayer', 'LN_EPS', 'init_adaln_weights', 'init_dit_weights']
 
 LN_EPS = 1e-6  # every LayerNorm of DiT and l-DAE
 
@@ -99,3 +99,17 @@ def init_adaln_weights(module: nn.Module) -> None:
         if isinstance(m, FinalLayer):
             nn.init.zeros_(m.linear.weight)
             nn.init.zeros_(m.linear.bias)
+
+
+def init_dit_weights(module: nn.Module, patch_proj: nn.Conv2d, t_embedder: nn.Module,
+                     label_table: Optional[nn.Embedding] = None) -> None:
+    """DiT's initialisation of a whole model: ``init_adaln_weights``, then a xavier patch embedding with zero bias,
+    and N(0, 0.02) for the timestep MLP and the label table."""
+    init_adaln_weights(module)
+    w = patch_proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(patch_proj.bias)
+    nn.init.normal_(t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(t_embedder.mlp[2].weight, std=0.02)
+    if label_table is not None:
+        nn.init.normal_(label_table.weight, std=0.02)

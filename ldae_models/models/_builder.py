@@ -28,7 +28,7 @@ from timm.models._features import FeatureGetterNet
 from ..hub.checkpoint import FilterFn, load_pretrained
 from ..hub.sources import strip_weights_info, weight_source
 
-__all__ = ['build_model', 'load_model', 'register_family', 'list_models', 'pretrained_cfg_for', 'names_weights', 'has_weights',
+__all__ = ['build_model', 'load_model', 'full_model', 'register_family', 'list_models', 'pretrained_cfg_for', 'names_weights', 'has_weights',
            'split_name', 'NOT_MODEL_ARGS']
 
 # create_model keyword arguments that say where weights come from or how to wrap, not how to build the network
@@ -37,14 +37,17 @@ NOT_MODEL_ARGS = ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'pret
 # family name -> registered model names, in registration order
 _FAMILIES: Dict[str, List[str]] = {}
 _VARIANT: Dict[str, str] = {}  # registered name -> the variant it builds (an alias names another)
+_FULL_MODEL: Dict[str, Callable[..., nn.Module]] = {}  # registered name -> its family's full-model builder
 
 
 def register_family(family: str, module: str, names: Dict[str, str], create: Callable[..., nn.Module],
-                    docs: Dict[str, str]) -> None:
+                    docs: Dict[str, str], full_model: Callable[..., nn.Module]) -> None:
     """Register a timm entrypoint for every ``name -> variant`` of a family (an alias maps to another variant).
 
     Each entrypoint is ``name(pretrained=False, **kwargs)``, builds ``variant`` through ``create`` and carries its
     line of ``docs`` as its docstring. The module's ``default_cfgs`` must exist already (timm reads it here).
+    ``full_model(name, pretrained=False, checkpoint=None, **kwargs)`` builds the family's whole model (the DAE, the
+    full DiT, the UNet): what trains and what ``full_model`` returns.
     """
     for name, variant in names.items():
         def entrypoint(pretrained: bool = False, _variant: str = variant, **kwargs: Any) -> nn.Module:
@@ -54,6 +57,7 @@ def register_family(family: str, module: str, names: Dict[str, str], create: Cal
         entrypoint.__doc__ = docs[name]
         register_model(entrypoint)
         _VARIANT[name] = variant
+        _FULL_MODEL[name] = full_model
         _FAMILIES.setdefault(family, []).append(name)
 
 
@@ -62,6 +66,15 @@ def list_models(family: Optional[str] = None) -> List[str]:
     if family is not None:
         return list(_FAMILIES.get(family, []))
     return [n for names in _FAMILIES.values() for n in names]
+
+
+def full_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None, **kwargs: Any) -> nn.Module:
+    """The whole model of a registered name (``NAME[.TAG]``): the l-DAE with its decoder and tokenizer, the full DiT,
+    the UNet; ``pretrained`` loads the tag's weights (all of them), ``checkpoint`` a file of the whole model."""
+    arch = split_name(name)[0]
+    if arch not in _FULL_MODEL:
+        raise ValueError(_unknown_model(arch))
+    return _FULL_MODEL[arch](name, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
 
 
 def split_name(name: str) -> Tuple[str, str]:

@@ -24,7 +24,7 @@ from timm.models import VisionTransformer
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
-from ..layers.blocks import AdaLNBlock, LN_EPS, init_adaln_weights
+from ..layers.blocks import AdaLNBlock, LN_EPS, init_dit_weights
 from ..layers.embed import TimestepEmbedder, sincos_pos_embed_2d
 from ..layers.schedules import NoiseSchedule, TimestepLike, create_schedule
 from .extractor import FeatureExtractor
@@ -56,10 +56,6 @@ class MergedViT(FeatureExtractor, VisionTransformer):
         self.schedule = schedule
         self.noise_ok = noise_ok
         self.input_hint = input_hint  # appended to the error for input of the wrong channels (a DiT's: use the VAE)
-
-    @property
-    def num_taps(self) -> int:
-        return len(self.blocks)
 
     def encode_input(self, images: torch.Tensor) -> torch.Tensor:
         """Check the input with a message that names the problem (timm's ViT asserts)."""
@@ -172,13 +168,8 @@ class AdaLNViT(FeatureExtractor, nn.Module):
 
     # -- initialisation ----------------------------------------------------------------------------
     def init_weights(self) -> None:
-        """DiT's scheme: xavier Linears, xavier patch embed, N(0, 0.02) timestep MLP, zero adaLN outputs."""
-        init_adaln_weights(self)
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        """DiT's scheme: xavier Linears, xavier patch embed, N(0, 0.02) timestep MLP, zero adaLN outputs and head."""
+        init_dit_weights(self, self.patch_embed.proj, self.t_embedder)
         if isinstance(self.head, nn.Linear):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
@@ -188,10 +179,6 @@ class AdaLNViT(FeatureExtractor, nn.Module):
         return (self.in_chans, *self.patch_embed.img_size)
 
     # -- the encoder contract ----------------------------------------------------------------------
-    @property
-    def num_taps(self) -> int:
-        return len(self.blocks)
-
     @property
     def noise_is_schedule_only(self) -> bool:
         """Whether the training noise is the schedule's, on the input itself (a merged copy can then add it)."""

@@ -317,10 +317,6 @@ class DDAEUNet(FeatureExtractor, UNet):
 
     # -- the encoder contract ----------------------------------------------------------------------------------
     @property
-    def num_taps(self) -> int:
-        return len(self.block_info)
-
-    @property
     def blocks(self) -> List[ResAttBlock]:
         return self.decoder_blocks
 
@@ -334,18 +330,10 @@ class DDAEUNet(FeatureExtractor, UNet):
         return [outs[i] for i in indices]
 
     # -- timm API ----------------------------------------------------------------------------------------------
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            t: TimestepLike = None,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-            noisy_input: Optional[bool] = None,
-            generator: Optional[torch.Generator] = None,
-    ):
+    def forward_intermediates(self, x: torch.Tensor, t: TimestepLike = None,
+                              indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False,
+                              noisy_input: Optional[bool] = None, generator: Optional[torch.Generator] = None):
         """Decoder block outputs at ``indices`` (0-based: out_k is k - 1), NCHW, for the input at ``t``.
 
         ``noisy_input`` (default: the model's setting) noises the input first; with ``noisy_input=False`` it is passed
@@ -506,7 +494,13 @@ default_cfgs = generate_default_cfgs({
     'ddae_ddpmpp_cifar10_32': _cfg(),
 })
 
-register_family('ddae', __name__, {n: n for n in UNET_CONFIGS}, _create_ddae_unet, docs={
+def create_unet(name: str, pretrained: bool = False, checkpoint: Optional[str] = None, **kwargs: Any) -> DDAEUNet:
+    """The whole UNet of ``name`` (the extractor is the whole model), optionally with weights."""
+    from ._builder import load_model
+    return load_model(name, pretrained=pretrained or bool(checkpoint), checkpoint=checkpoint, **kwargs)
+
+
+register_family('ddae', __name__, {n: n for n in UNET_CONFIGS}, _create_ddae_unet, full_model=create_unet, docs={
     'ddae_ddpm_cifar10_32': "Ho et al.'s CIFAR-10 DDPM UNet (35.7M) tapped at out_6, t = 11.",
     'ddae_ddpmpp_cifar10_32': "DDAE's DDPM++-style CIFAR-10 UNet (about 56M) tapped at out_6, t = 11.",
 })

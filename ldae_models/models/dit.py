@@ -37,7 +37,7 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models import generate_default_cfgs
 
-from ..layers.blocks import AdaLNBlock, FinalLayer, init_adaln_weights
+from ..layers.blocks import AdaLNBlock, FinalLayer, init_dit_weights
 from ..layers.embed import LabelEmbedder, TimestepEmbedder, sincos_pos_embed_2d
 from ..layers.pca import unpatchify
 from ..layers.schedules import DDPMSchedule
@@ -99,13 +99,7 @@ class DiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """DiT's: xavier Linears, xavier patch embed, N(0, 0.02) label and timestep tables, zero adaLN and output."""
-        init_adaln_weights(self)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        init_dit_weights(self, self.x_embedder.proj, self.t_embedder, self.y_embedder.embedding_table)
 
     def forward_hidden(self, x: torch.Tensor, t: Any, y: Any) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """(output (B, out_channels, H, W), hidden states after every block [(B, N, D)])."""
@@ -174,31 +168,39 @@ class DiTEncoder(AdaLNViT):
 
 # -- converters -------------------------------------------------------------------------------------------
 
+# Layers with a weight and a bias, by name: (official, diffusers). The timestep embedder sits under every block's
+# ``norm1.emb.`` in diffusers, the attention's qkv is split into to_q / to_k / to_v.
+_LAYERS = (('x_embedder.proj', 'pos_embed.proj'), ('final_layer.adaLN_modulation.1', 'proj_out_1'),
+           ('final_layer.linear', 'proj_out_2'))
+_BLOCK_LAYERS = (('adaLN_modulation.1', 'norm1.linear'), ('attn.proj', 'attn1.to_out.0'), ('mlp.fc1', 'ff.net.0.proj'),
+                 ('mlp.fc2', 'ff.net.2'))
+_T_EMBEDDER = (('t_embedder.mlp.0', 'timestep_embedder.linear_1'), ('t_embedder.mlp.2', 'timestep_embedder.linear_2'))
+_LABELS = ('y_embedder.embedding_table.weight', 'class_embedder.embedding_table.weight')
+
+
+def _copy(sd: Dict[str, torch.Tensor], out: Dict[str, torch.Tensor], pairs: Any) -> None:
+    for src, dst in pairs:
+        for p in ('weight', 'bias'):
+            out[f'{dst}.{p}'] = sd[f'{src}.{p}']
+
+
+def _depth(sd: Dict[str, torch.Tensor], prefix: str) -> int:
+    return 1 + max(int(k.split('.')[1]) for k in sd if k.startswith(prefix))
+
+
 def dit_official_to_diffusers(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Official DiT state dict -> diffusers ``DiTTransformer2DModel`` (the timestep and label embedders are
     copied into every block, as diffusers keeps one per block; the position embedding is not stored)."""
     out: Dict[str, torch.Tensor] = {}
-    depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
-    out['pos_embed.proj.weight'] = sd['x_embedder.proj.weight']
-    out['pos_embed.proj.bias'] = sd['x_embedder.proj.bias']
-    for i in range(depth):
+    _copy(sd, out, _LAYERS)
+    for i in range(_depth(sd, 'blocks.')):
         b, o = f'blocks.{i}.', f'transformer_blocks.{i}.'
-        emb = o + 'norm1.emb.'
-        for j, name in ((0, 'linear_1'), (2, 'linear_2')):
-            for p in ('weight', 'bias'):
-                out[f'{emb}timestep_embedder.{name}.{p}'] = sd[f't_embedder.mlp.{j}.{p}']
-        out[emb + 'class_embedder.embedding_table.weight'] = sd['y_embedder.embedding_table.weight']
-        q, k, v = sd[b + 'attn.qkv.weight'].chunk(3, dim=0)
-        qb, kb, vb = sd[b + 'attn.qkv.bias'].chunk(3, dim=0)
-        for name, w, bias in (('to_q', q, qb), ('to_k', k, kb), ('to_v', v, vb)):
+        _copy(sd, out, [(src, f'{o}norm1.emb.{dst}') for src, dst in _T_EMBEDDER])
+        out[f'{o}norm1.emb.{_LABELS[1]}'] = sd[_LABELS[0]]
+        for name, w, bias in zip(('to_q', 'to_k', 'to_v'), sd[b + 'attn.qkv.weight'].chunk(3, dim=0),
+                                 sd[b + 'attn.qkv.bias'].chunk(3, dim=0)):
             out[f'{o}attn1.{name}.weight'], out[f'{o}attn1.{name}.bias'] = w, bias
-        for src, dst in (('adaLN_modulation.1', 'norm1.linear'), ('attn.proj', 'attn1.to_out.0'),
-                         ('mlp.fc1', 'ff.net.0.proj'), ('mlp.fc2', 'ff.net.2')):
-            for p in ('weight', 'bias'):
-                out[f'{o}{dst}.{p}'] = sd[f'{b}{src}.{p}']
-    for src, dst in (('final_layer.adaLN_modulation.1', 'proj_out_1'), ('final_layer.linear', 'proj_out_2')):
-        for p in ('weight', 'bias'):
-            out[f'{dst}.{p}'] = sd[f'{src}.{p}']
+        _copy(sd, out, [(b + src, o + dst) for src, dst in _BLOCK_LAYERS])
     return out
 
 
@@ -209,29 +211,19 @@ def dit_diffusers_to_official(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Te
     checkpoint); the first block's are kept.
     """
     out: Dict[str, torch.Tensor] = {}
-    depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('transformer_blocks.'))
-    out['x_embedder.proj.weight'] = sd['pos_embed.proj.weight']
-    out['x_embedder.proj.bias'] = sd['pos_embed.proj.bias']
+    _copy(sd, out, [(dst, src) for src, dst in _LAYERS])
     emb0 = 'transformer_blocks.0.norm1.emb.'
-    for j, name in ((0, 'linear_1'), (2, 'linear_2')):
-        for p in ('weight', 'bias'):
-            out[f't_embedder.mlp.{j}.{p}'] = sd[f'{emb0}timestep_embedder.{name}.{p}']
-    out['y_embedder.embedding_table.weight'] = sd[emb0 + 'class_embedder.embedding_table.weight']
-    for i in range(depth):
+    _copy(sd, out, [(emb0 + dst, src) for src, dst in _T_EMBEDDER])
+    out[_LABELS[0]] = sd[emb0 + _LABELS[1]]
+    for i in range(_depth(sd, 'transformer_blocks.')):
         b, o = f'blocks.{i}.', f'transformer_blocks.{i}.'
         for key in [k for k in sd if k.startswith(o + 'norm1.emb.')]:
             if not torch.equal(sd[key], sd[emb0 + key[len(o + 'norm1.emb.'):]]):
                 raise ValueError(f'diffusers DiT checkpoint has different embedders in block {i} ({key}); '
                                  f'the official layout has one shared embedder')
-        out[b + 'attn.qkv.weight'] = torch.cat([sd[f'{o}attn1.to_{n}.weight'] for n in 'qkv'], dim=0)
-        out[b + 'attn.qkv.bias'] = torch.cat([sd[f'{o}attn1.to_{n}.bias'] for n in 'qkv'], dim=0)
-        for dst, src in (('adaLN_modulation.1', 'norm1.linear'), ('attn.proj', 'attn1.to_out.0'),
-                         ('mlp.fc1', 'ff.net.0.proj'), ('mlp.fc2', 'ff.net.2')):
-            for p in ('weight', 'bias'):
-                out[f'{b}{dst}.{p}'] = sd[f'{o}{src}.{p}']
-    for dst, src in (('final_layer.adaLN_modulation.1', 'proj_out_1'), ('final_layer.linear', 'proj_out_2')):
         for p in ('weight', 'bias'):
-            out[f'{dst}.{p}'] = sd[f'{src}.{p}']
+            out[f'{b}attn.qkv.{p}'] = torch.cat([sd[f'{o}attn1.to_{n}.{p}'] for n in 'qkv'], dim=0)
+        _copy(sd, out, [(o + dst, b + src) for src, dst in _BLOCK_LAYERS])
     return out
 
 
@@ -320,7 +312,7 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-register_family('dit', __name__, {n: n for n in DIT_CONFIGS}, _create_dit_encoder, docs={
+register_family('dit', __name__, {n: n for n in DIT_CONFIGS}, _create_dit_encoder, full_model=create_dit, docs={
     n: f'DiT-{n.split("_")[1].upper()}/{c["patch_size"]} encoder on {8 * c["input_size"]} px images (SD-VAE latents '
        f'{c["input_size"]}x{c["input_size"]}x4): the first {c["depth"] // 2} of {c["depth"]} blocks, width '
        f'{c["hidden_size"]}, t = 121, null label.'

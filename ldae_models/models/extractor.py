@@ -10,7 +10,8 @@ was trained (l-DAE: in its PCA latent; DiT and the UNets: the DDPM forward proce
 
 A model implements four small pieces and inherits the rest:
 
-- ``num_taps``: how many layers can be tapped (blocks; for a UNet its decoder blocks, DDAE's ``out_k`` is k - 1);
+- ``num_taps``: how many layers can be tapped (default: ``len(self.blocks)``; a UNet's blocks are its decoder
+  blocks, DDAE's ``out_k`` is block k - 1);
 - ``encode_input(images)``: checks the input and maps it to what the network sees (a VAE encodes here);
 - ``noise_input(x, t)``: the training noise at a checked (B,) t; returns (x_t, noise);
 - ``tap(x, t, indices)``: one forward pass at a checked (B,) t, the maps of the layers ``indices`` (sorted).
@@ -52,7 +53,7 @@ class FeatureExtractor:
     # -- what a model implements ---------------------------------------------------------------------------
     @property
     def num_taps(self) -> int:
-        raise NotImplementedError
+        return len(self.blocks)
 
     def encode_input(self, images: torch.Tensor) -> torch.Tensor:
         return images

@@ -173,6 +173,10 @@ class LatentDAE(FeatureExtractor, nn.Module):
         """All blocks, encoder then decoder."""
         return list(self.encoder.blocks) + list(self.decoder_blocks)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in backward (all blocks run through the encoder's runner)."""
+        self.encoder.set_grad_checkpointing(enable)
+
     def fit_tokenizer(self, batches, patches_per_image: Optional[int] = None,
                       generator: Optional[torch.Generator] = None) -> PatchPCA:
         """Fit the PCA tokenizer on an iterable of image batches (streaming, float64)."""
@@ -401,7 +405,8 @@ default_cfgs = generate_default_cfgs({
     'ldae_vit_large_patch16_256': _cfg(),
 })
 
-register_family('ldae', __name__, {**{n: n for n in MODEL_CONFIGS}, **MODEL_ALIASES}, _create_ldae_encoder, docs={
+register_family('ldae', __name__, {**{n: n for n in MODEL_CONFIGS}, **MODEL_ALIASES}, _create_ldae_encoder,
+                full_model=create_dae, docs={
     'ldae_vit_tiny_patch4_32': 'l-DAE ViT-Ti/4 encoder for 32x32 images (12 of 24 blocks, width 192).',
     'ldae_vit_small_patch4_32': 'l-DAE ViT-S/4 encoder for 32x32 images (12 of 24 blocks, width 384).',
     'ldae_vit_base_patch16_256': 'l-DAE ViT-B/16 encoder at 256 px (12 of 24 blocks, width 768).',

@@ -62,10 +62,6 @@ class DiffusionInput(FeatureExtractor, nn.Module):
     def blocks(self) -> Any:
         return self.model.blocks
 
-    @property
-    def num_taps(self) -> int:
-        return self.model.num_taps
-
     def encode_input(self, images: torch.Tensor) -> torch.Tensor:
         """The latent the encoder sees (before noise)."""
         if self.vae is None:
