@@ -56,10 +56,16 @@ def _device(name: str) -> torch.device:
 
 
 def _model(args: argparse.Namespace, **kwargs: Any) -> torch.nn.Module:
-    from .models import load_model
-    return load_model(args.model, pretrained=getattr(args, 'pretrained', None),
-                      checkpoint=getattr(args, 'checkpoint', None), **_json_object(getattr(args, 'model_args', None)),
-                      **kwargs).eval()
+    """The model a command names: its encoder (timm's entrypoint), or with ``--full`` the whole model."""
+    from .models import full_model, load_model, names_weights
+    checkpoint, model_args = getattr(args, 'checkpoint', None), _json_object(getattr(args, 'model_args', None))
+    pretrained = getattr(args, 'pretrained', None)
+    if getattr(args, 'full', False):
+        kwargs.pop('merged', None)
+        pretrained = names_weights(args.model) if pretrained is None else pretrained
+        return full_model(args.model, pretrained=pretrained and not checkpoint, checkpoint=checkpoint,
+                          **model_args, **kwargs).eval()
+    return load_model(args.model, pretrained=pretrained, checkpoint=checkpoint, **model_args, **kwargs).eval()
 
 
 def _add_model_args(p: argparse.ArgumentParser, default: Optional[str] = DEFAULT_MODEL) -> None:
@@ -547,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, default=None)
     _add_data_args(p, required=False)
     p.add_argument('--mode', choices=('fast', 'grid', 'mae'), default='fast')
+    p.add_argument('--full', action='store_true', help='probe the whole model (an l-DAE\'s decoder blocks too: layer '
+                   'E + k is decoder block k); --checkpoint is then a whole-model file')
     p.add_argument('--features', help='feature folder (ldae-models extract): read when it holds these features, '
                                       'written otherwise')
     p.add_argument('--t', type=float, help="the encoder's t (default: the one it was trained for)")

@@ -249,11 +249,12 @@ def random_counterpart(model: nn.Module, seed: int = 0) -> nn.Module:
     import timm
     from timm.models import VisionTransformer
     inner = getattr(model, 'model', model)
-    vit_args = getattr(inner, 'vit_args', None)
+    vit_args = getattr(inner, 'vit_args', None) or getattr(getattr(inner, 'encoder', None), 'vit_args', None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if vit_args is not None:
-            args = vit_args() if callable(vit_args) else vit_args
+            args = dict(vit_args() if callable(vit_args) else vit_args)
+            args['depth'] = inner.num_taps  # a whole DAE: as many blocks as it has, encoder and decoder
             floor = VisionTransformer(**args)
         else:
             arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')

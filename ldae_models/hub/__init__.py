@@ -1,6 +1,6 @@
 """Weights: sources (``sources``), reading and loading (``checkpoint``), publishing and export (``publish``)."""
 from .checkpoint import CheckpointMismatchError, load_pretrained, load_state_dict_strict, read_checkpoint, unwrap_state_dict
-from .publish import export_timm, push_to_hub, save_pretrained
+from .publish import export_timm, push_to_hub, save_pretrained, save_sharded
 from .sources import (
     SOURCE_KEYS, CheckpointError, ChecksumError, SourceError, WeightSource, cfg_sha256, packaged_file, sha256_note,
     sha256_of, strip_weights_info, weight_source,

@@ -42,8 +42,27 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b'{'  # 8-byte little-endian header size, then JSON
 
 
+def _read_sharded(index_path: Path) -> Dict[str, Any]:
+    """A sharded safetensors checkpoint (Hugging Face's ``model.safetensors.index.json``: a ``weight_map`` from each
+    key to its shard file, beside the index)."""
+    import json
+    try:
+        weight_map = json.loads(index_path.read_text())['weight_map']
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f'{index_path} is not a safetensors shard index (no weight_map): {e}') from None
+    state: Dict[str, Any] = {}
+    for shard in sorted(set(weight_map.values())):
+        part = read_checkpoint(index_path.parent / shard)
+        state.update({k: v for k, v in part.items() if weight_map.get(k) == shard})
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise CheckpointError(f'{index_path}: the shards lack {len(missing)} keys of the index, e.g. {missing[:3]}')
+    return state
+
+
 def read_checkpoint(path: PathLike) -> Dict[str, Any]:
-    """Read a checkpoint file safely: safetensors, else ``torch.load(weights_only=True)``.
+    """Read a checkpoint file safely: safetensors (also sharded, through its ``.index.json``), else
+    ``torch.load(weights_only=True)``.
 
     Raises:
         CheckpointError: a missing, truncated or corrupt file, a file that is not a checkpoint at all, or a pickle
@@ -52,6 +71,8 @@ def read_checkpoint(path: PathLike) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'checkpoint not found: {path}')
+    if path.name.endswith('.index.json'):
+        return _read_sharded(path)
     if _is_safetensors(path):
         from safetensors.torch import load_file
         try:

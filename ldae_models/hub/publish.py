@@ -15,9 +15,9 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-from .sources import SAFETENSORS_NAME, WEIGHTS_INFO_KEYS, PathLike, sha256_note, sha256_of
+from .sources import SAFETENSORS_NAME, SHARDED_NAME, WEIGHTS_INFO_KEYS, PathLike, sha256_note, sha256_of
 
-__all__ = ['save_pretrained', 'push_to_hub', 'export_timm']
+__all__ = ['save_pretrained', 'push_to_hub', 'export_timm', 'save_sharded']
 
 # Keys of the source cfg that stay true of the written file.
 _KEPT_WEIGHT_INFO = ('license',)
@@ -150,3 +150,31 @@ def push_to_hub(model: nn.Module, repo_id: str, private: bool = False, token: Op
         folder = save_pretrained(model, Path(tmp) / repo_id.split('/')[-1], **save_kwargs)
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
     return str(getattr(info, 'commit_url', info))
+
+
+def save_sharded(state: Dict[str, torch.Tensor], save_dir: PathLike, max_shard_bytes: int = 15 << 20,
+                 metadata: Optional[Dict[str, str]] = None) -> Path:
+    """Write a state dict as safetensors shards of at most ``max_shard_bytes`` (a tensor larger than that gets a
+    shard of its own) and Hugging Face's index ``model.safetensors.index.json``, which ``read_checkpoint`` and every
+    ``file=`` source read. Returns the index's path."""
+    from safetensors.torch import save_file
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    shards, current, size = [], {}, 0
+    for k, v in state.items():
+        v = v.detach().cpu().contiguous()
+        nbytes = v.numel() * v.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[k], size = v, size + nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f'model-{i:05d}-of-{len(shards):05d}.safetensors'
+        save_file(shard, str(save_dir / name), metadata={'format': 'pt', **(metadata or {})})
+        weight_map.update({k: name for k in shard})
+    index = save_dir / SHARDED_NAME
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    index.write_text(json.dumps(dict(metadata=dict(total_size=total), weight_map=weight_map), indent=2) + '\n')
+    return index

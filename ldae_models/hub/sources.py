@@ -32,6 +32,7 @@ __all__ = [
 PathLike = Union[str, os.PathLike]
 PACKAGE_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / 'weights'
 SAFETENSORS_NAME = 'model.safetensors'
+SHARDED_NAME = 'model.safetensors.index.json'
 PICKLE_NAME = 'pytorch_model.bin'
 # The keys of a pretrained cfg that say where bytes are, in the order timm tries them.
 SOURCE_KEYS = ('file', 'hf_hub_id', 'hf_hub_filename', 'url')
@@ -136,9 +137,9 @@ class WeightSource:
         if self.kind == 'file':
             path = Path(self.location)
             if path.is_dir():
-                path = next((path / n for n in (SAFETENSORS_NAME, PICKLE_NAME) if (path / n).is_file()), path)
+                path = next((path / n for n in (SAFETENSORS_NAME, SHARDED_NAME, PICKLE_NAME) if (path / n).is_file()), path)
                 if path.is_dir():
-                    raise SourceError(f'no {SAFETENSORS_NAME} or {PICKLE_NAME} in {self.location}')
+                    raise SourceError(f'no {SAFETENSORS_NAME}, {SHARDED_NAME} or {PICKLE_NAME} in {self.location}')
             if not path.is_file():
                 raise SourceError(f'weight file not found: {path}')
             self._verify(path, downloaded=False)

@@ -19,10 +19,10 @@ LN_EPS = 1e-6  # every LayerNorm of DiT and l-DAE
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x * (1 + scale) + shift`` with (B, C) or (B, 1, C) modulation broadcast over tokens."""
+    """``x * (1 + scale) + shift`` with (B, C) or (B, 1, C) modulation broadcast over tokens (one fused kernel)."""
     if shift.dim() == 2:
         shift, scale = shift[:, None], scale[:, None]
-    return x * (1 + scale) + shift
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 def adaln_modulation(dim: int, cond_dim: int, chunks: int, hidden_ratio: Optional[float]) -> nn.Sequential:
@@ -63,9 +63,8 @@ class AdaLNBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (B, N, W)
-        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))  # x + gate * branch
+        return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))  # (B, N, W)
 
 
 class FinalLayer(nn.Module):

@@ -35,7 +35,7 @@ from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
 from ..hub.checkpoint import CheckpointMismatchError, load_pretrained
-from ..hub.sources import packaged_file, sha256_note
+from ..hub.sources import packaged_file, sha256_note, strip_weights_info
 from ..layers.blocks import AdaLNBlock, FinalLayer, init_adaln_weights
 from ..layers.pca import PatchPCA, float32_region, patchify
 from ..layers.schedules import NoiseSchedule, TARGETS, TimestepLike, create_schedule
@@ -340,17 +340,17 @@ def create_dae(name: str, pretrained: bool = False, checkpoint: Optional[str] = 
     checkpoint, its EMA weights when it has them), strictly. Example: ``create_dae('ldae_vit_tiny_patch4_32',
     latent_dim=8)``.
     """
-    dae = LatentDAE(**{**MODEL_CONFIGS[_variant(name)], **kwargs})
-    if not (checkpoint or pretrained):
-        return dae
-    cfg = dict(file=str(checkpoint)) if checkpoint else pretrained_cfg_for(name)
-    try:
-        load_pretrained(dae, cfg, cache_dir=cache_dir)
-    except CheckpointMismatchError as e:
-        raise CheckpointMismatchError(f'{checkpoint or name}: the file does not hold the full DAE this size builds (an '
-                                      f'encoder-only file, or other model arguments)\n{e}') from None
-    if not checkpoint:
-        dae.pretrained_cfg = cfg
+    variant = _variant(name)
+    dae = LatentDAE(**{**MODEL_CONFIGS[variant], **kwargs})
+    tagged = pretrained and not checkpoint
+    cfg = pretrained_cfg_for(name) if tagged else strip_weights_info(pretrained_cfg_for(variant))
+    if checkpoint or pretrained:
+        try:
+            load_pretrained(dae, dict(file=str(checkpoint)) if checkpoint else cfg, cache_dir=cache_dir)
+        except CheckpointMismatchError as e:
+            raise CheckpointMismatchError(f'{checkpoint or name}: the file does not hold the full DAE this size builds '
+                                          f'(an encoder-only file, or other model arguments)\n{e}') from None
+    dae.pretrained_cfg = {**cfg, 'input_size': dae.encoder.input_size()}
     return dae
 
 
