@@ -335,15 +335,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 # -- extract and probe ------------------------------------------------------------------------------------------------
 
 def _splits(args: argparse.Namespace, img_size: int, device: torch.device):
+    """Both splits of the data set, decoded once per command (the floors reuse them)."""
     from .data import load_split
     if not args.data_root:
         raise ValueError('--data-root is required (the data set to probe on)')
-    _stage(f'decoding the {args.dataset} data at {args.data_root}')
-    train = load_split(args.dataset, args.data_root, 'train', img_size, download=args.download)
-    test = load_split(args.dataset, args.data_root, 'test', img_size)
-    seed = getattr(args, 'seed', 0)
-    return train.subset(getattr(args, 'max_train', 0), seed).to(device), test.subset(getattr(args, 'max_test', 0),
-                                                                                    seed + 1).to(device)
+    memo = getattr(args, '_splits_memo', None)
+    if memo is None or memo[0] != img_size:
+        _stage(f'decoding the {args.dataset} data at {args.data_root}')
+        train = load_split(args.dataset, args.data_root, 'train', img_size, download=args.download)
+        test = load_split(args.dataset, args.data_root, 'test', img_size)
+        seed = getattr(args, 'seed', 0)
+        memo = (img_size, train.subset(getattr(args, 'max_train', 0), seed).to(device),
+                test.subset(getattr(args, 'max_test', 0), seed + 1).to(device))
+        args._splits_memo = memo
+    return memo[1], memo[2]
 
 
 def _img_size(model: torch.nn.Module) -> int:
@@ -352,7 +357,7 @@ def _img_size(model: torch.nn.Module) -> int:
 
 def _feature_meta(args: argparse.Namespace, model: torch.nn.Module) -> Dict[str, Any]:
     return dict(model=args.model, checkpoint=args.checkpoint, model_args=_json_object(args.model_args),
-                noisy_input=args.noisy_input, seed=args.seed, dataset=args.dataset, max_train=args.max_train,
+                full=args.full, noisy_input=args.noisy_input, seed=args.seed, dataset=args.dataset, max_train=args.max_train,
                 max_test=args.max_test, t_default=getattr(model, 't', None))
 
 
@@ -408,8 +413,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from .probe import (fit_linear_probe, grid_to_json, knn_accuracy, mae_linear_probe, pixel_features, plot_grid,
-                        random_counterpart, write_json)
+    from .probe import fit_linear_probe, grid_to_json, knn_accuracy, mae_linear_probe, plot_grid, write_json
     device = _device(args.device)
     model = _model(args, merged=False, **({} if args.t is None else {'t': args.t})).to(device)
     result: Dict[str, Any] = dict(model=args.model, checkpoint=args.checkpoint, mode=args.mode, dataset=args.dataset,
@@ -534,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, default=None)
     _add_data_args(p)
     p.add_argument('--splits', nargs='+', default=['train', 'test'], choices=['train', 'test'])
+    p.add_argument('--full', action='store_true', help='the whole model (an l-DAE\'s decoder blocks too)')
     p.add_argument('--layers', type=int, nargs='+', help='0-based layers (default: the last)')
     p.add_argument('--ts', type=float, nargs='+', help='timesteps (default: the model\'s t)')
     p.add_argument('--noisy-input', action='store_true', help="noise the input at each t (default: the model's)")
@@ -626,6 +631,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     debug = debug or os.environ.get('LDAE_MODELS_DEBUG', '') not in ('', '0')
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader went away (`ldae-models list | head`): stop quietly, as Unix tools do
+        sys.stdout = open(os.devnull, 'w')
+        return 0
     except _USER_ERRORS as e:
         if debug or (isinstance(e, ImportError) and 'pip install' not in str(e)):
             raise

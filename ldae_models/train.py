@@ -106,7 +106,7 @@ class TrainConfig:
     compile: bool = _arg(False, 'torch.compile the training step')
     grad_checkpointing: bool = _arg(False, 'recompute activations in backward (l-DAE): less memory, more time')
     nan_check_every: int = _arg(25, 'steps between reads of the non-finite-loss flag (each read waits on the device)')
-    device: str = _arg('auto', "'auto' (the local GPU if any), 'cpu', 'cuda'")
+    device: str = _arg('auto', "'auto' (the local GPU if any), 'cpu', 'cuda'", choices=('auto', 'cpu', 'cuda'))
     # -- PCA tokenizer
     pca_images: int = _arg(50_000, 'images streamed into the PCA fit (the first step of an l-DAE run)')
     pca_patches_per_image: Optional[int] = _arg(None, 'random patches per image in the fit (default: all)')

@@ -172,3 +172,16 @@ def test_torch_hub_local():
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 192)
     enc = torch.hub.load(str(REPO), 'ldae_vit_l', source='local', pretrained=False, merged=False, depth=2)
     assert enc.embed_dim == 1024 and len(enc.blocks) == 2
+
+
+def test_a_closed_pipe_ends_quietly(monkeypatch, capsys):
+    """`ldae-models list | head`: the reader goes away; the command stops with status 0 and no error message."""
+    import io
+
+    class Closed(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, 'Broken pipe')
+
+    monkeypatch.setattr(sys, 'stdout', Closed())
+    assert main(['list']) == 0
+    assert 'error' not in capsys.readouterr().err

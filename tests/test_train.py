@@ -263,3 +263,19 @@ def test_probe_fast_and_grid_on_a_separable_set(folder, tmp_path):
     assert main(['probe', '--model', 'ldae_vit_tiny_patch4_32', '--model-args', TINY_ARGS, '--data-root', str(folder),
                  '--mode', 'grid', '--ts', '0', '40', '--out', str(out), '--features', str(tmp_path / 'feats')]) == 0
     assert json.loads(out.read_text())['extract_s'] == 0.0
+
+
+def test_extract_writes_shards_that_the_probe_reads(folder, tmp_path):
+    from ldae_models.features import load_feature_shards
+    out = tmp_path / 'feats'
+    assert main(['extract', '--model', 'ldae_vit_tiny_patch4_32', '--model-args', TINY_ARGS, '--data-root', str(folder),
+                 '--layers', '0', '1', '--ts', '0', '10', '--shard-size', '16', '--out', str(out)]) == 0
+    feats, labels, index = load_feature_shards(out / 'train')
+    assert set(feats) == {(0, 0.0), (0, 10.0), (1, 0.0), (1, 10.0)} and len(labels) == 40
+    assert len(index['shards']) == 3 and all(v.shape == (40, 32) for v in feats.values())  # 16 + 16 + 8 rows
+    r = tmp_path / 'r.json'
+    assert main(['probe', '--model', 'ldae_vit_tiny_patch4_32', '--model-args', TINY_ARGS, '--data-root', str(folder),
+                 '--layers', '1', '--ts', '10', '--features', str(out), '--out', str(r)]) == 0
+    assert json.loads(r.read_text())['extract_s'] == 0.0  # read, not extracted
+    assert main(['probe', '--model', 'ldae_vit_tiny_patch4_32', '--model-args', TINY_ARGS, '--data-root', str(folder),
+                 '--layers', '1', '--ts', '10', '--features', str(out), '--noisy-input']) == 2  # another setting
