@@ -27,7 +27,7 @@ from ldae_models.data import load_split
 from ldae_models.features import dataset_features
 from ldae_models.models import load_model
 from ldae_models.probe import LinearProbeHead, check_against_lbfgs, fit_linear_probe, knn_accuracy, pixel_features, \
-    random_counterpart
+    random_counterpart, write_json
 
 
 def old_fast_probe(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: torch.Tensor, epochs: int = 30,
@@ -104,8 +104,7 @@ def main() -> None:
                                                               old=False))
     print(json.dumps(result, indent=2))
     if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(result, f, indent=2)
+        write_json(args.out, result)
 
 
 if __name__ == '__main__':

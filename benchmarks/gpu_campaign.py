@@ -170,61 +170,89 @@ class Campaign:
         steps = [r for r in records if 'loss' in r]
         return steps[-1] if steps else {}
 
-    # -- probes -----------------------------------------------------------------------------------------------------
-    def cli(self, argv: List[str]) -> int:
-        """``ldae-models ARGV`` in this process (the probes: no second start-up of torch per probe)."""
-        from ldae_models.cli import main as ldae_main
-        try:
-            return ldae_main(argv)
-        except Exception as e:  # noqa: BLE001 -- one failed probe must not end the campaign
-            self.log(f'  ldae-models {argv[0]} failed: {type(e).__name__}: {e}')
-            return 1
+    # -- probes (the library, in this process: the splits are decoded once for every probe) --------------------
+    def device(self) -> str:
+        import torch
+        return 'cuda' if torch.cuda.is_available() and not self.args.smoke else 'cpu'
 
-    def probe(self, name: str, extra: Optional[List[str]] = None, tag: str = 'probe') -> Dict[str, Any]:
-        out = self.work / 'runs' / name / f'{tag}.json'
-        argv = ['probe', '--model', f'local-dir:{self.work / "runs" / name / "encoder"}', '--dataset', 'npz',
-                '--data-root', self.npz, '--out', str(out), *(extra or [])]
-        if self.cli(argv) != 0 or not out.is_file():
-            return dict(error=f'probe of {name} failed (see the log)')
-        return json.loads(out.read_text())
+    def splits(self):
+        """Both splits of the campaign's data, decoded once and kept on the device."""
+        if getattr(self, '_splits', None) is None:
+            from ldae_models.data import load_split
+            self._splits = tuple(load_split('npz', self.npz, split, 32, progress=False).to(self.device())
+                                 for split in ('train', 'test'))
+        return self._splits
+
+    def encoder(self, name: str):
+        """A run's conditional encoder, from the ``save_pretrained`` folder the trainer wrote."""
+        from ldae_models.models import load_model
+        return load_model(f'local-dir:{self.work / "runs" / name / "encoder"}', pretrained=True).eval().to(self.device())
+
+    def guarded(self, what: str, fn: Any) -> Dict[str, Any]:
+        """Run one probe; an error is logged and recorded, and the campaign goes on."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 -- one failed probe must not cost the lease
+            self.log(f'  {what} failed: {type(e).__name__}: {e}')
+            return dict(error=f'{type(e).__name__}: {e}')
+
+    def probe(self, name: str) -> Dict[str, Any]:
+        """Linear probe and kNN of a run's last encoder block at its own t, clean input."""
+        from ldae_models.probe import grid_probe
+
+        def fn() -> Dict[str, Any]:
+            enc = self.encoder(name)
+            train, test = self.splits()
+            (layer, t), cell = next(iter(grid_probe(enc, train, test, layers=[enc.num_taps - 1], ts=[enc.t],
+                                                    noisy_input=False, device=self.device(), seed=self.args.seed,
+                                                    knn=True).items()))
+            return dict(top1=cell['top1'], knn_top1=cell['knn_top1'], layer=layer, t=t, n_train=len(train),
+                        n_test=len(test))
+        return self.guarded(f'probe of {name}', fn)
 
     def probe_runs(self, names: List[str]) -> None:
         for name in names:
             run = self.results['runs'][name]
             if run.get('train', {}).get('returncode') != 0:
                 continue
-            p = self.probe(name)
-            if 'error' in p:
-                run['probe'] = p
-            else:
-                cell = p['grid'][0]
-                run['probe'] = dict(top1=cell['top1'], knn_top1=cell.get('knn_top1'), layer=cell['layer'], t=cell['t'],
-                                    n_train=p['n_train'], n_test=p['n_test'])
+            run['probe'] = self.probe(name)
             self.log(f'  probe {name}: {run["probe"]}')
             self.save()
 
     def floors(self) -> None:
+        """A random timm ViT of the base run's shape (same block) and the raw pixels, with the same probe."""
+        from ldae_models.probe import floors
         self.log('floors: a random timm ViT of the same shape, raw pixels')
-        p = self.probe('base', ['--floors'], tag='floors')
-        self.results['floors'] = p.get('floors', p)
+
+        def fn() -> Dict[str, Any]:
+            enc = self.encoder('base')
+            train, test = self.splits()
+            return floors(enc, train, test, layer=enc.num_taps - 1, device=self.device(), seed=self.args.seed)
+        self.results['floors'] = self.guarded('floors', fn)
+        self.log(f'  floors: {self.results["floors"]}')
         self.save()
 
     def grid(self, name: str) -> None:
+        """The whole DAE of a run on a (block, t) grid: encoder blocks and the first decoder blocks, clean and noisy."""
+        from ldae_models.models import full_model
+        from ldae_models.probe import grid_probe, grid_to_json
         runs = self.work / 'runs' / name
-        enc_depth = json.loads((runs / 'encoder' / 'config.json').read_text())['model_args']['depth']
-        layers = [str(b) for b in range(1, enc_depth, max(1, enc_depth // 6))] + [str(enc_depth - 1)]
-        layers += [str(enc_depth + k) for k in (0, 1, 3) if enc_depth + k < 2 * enc_depth]  # the first decoder blocks
         model_args = json.loads((runs / 'encoder' / 'config.json').read_text())['model_args']
-        dae_args = {k: v for k, v in model_args.items() if k not in ('merged',)}
+        enc_depth = model_args['depth']
+        layers = list(range(1, enc_depth, max(1, enc_depth // 6))) + [enc_depth - 1]
+        layers += [enc_depth + k for k in (0, 1, 3) if enc_depth + k < 2 * enc_depth]  # the first decoder blocks
+        ts = SMOKE_GRID_TS if self.args.smoke else GRID_TS
+        dae_args = {k: v for k, v in model_args.items() if k != 'merged'}
         for noisy in (False, True):
-            argv = ['--mode', 'grid', '--full', '--model', MODEL, '--checkpoint', str(runs / 'model.safetensors'),
-                    '--model-args', json.dumps(dae_args), '--layers', *sorted(set(layers), key=int), '--ts',
-                    *map(str, SMOKE_GRID_TS if self.args.smoke else GRID_TS), '--no-knn'] + (['--noisy-input'] if noisy else [])
-            out = self.work / 'runs' / name / f'grid_{"noisy" if noisy else "clean"}.json'
-            code = self.cli(['probe', *argv, '--dataset', 'npz', '--data-root', self.npz, '--out', str(out)])
             key = 'grid_noisy' if noisy else 'grid_clean'
-            self.results[key] = json.loads(out.read_text())['grid'] if code == 0 else dict(error=f'exit {code}')
-            self.log(f'  {key}: {"done" if code == 0 else self.results[key]}')
+
+            def fn() -> Any:
+                dae = full_model(MODEL, checkpoint=str(runs / 'model.safetensors'), **dae_args).eval().to(self.device())
+                train, test = self.splits()
+                return grid_to_json(grid_probe(dae, train, test, layers=sorted(set(layers)), ts=ts, noisy_input=noisy,
+                                               device=self.device(), seed=self.args.seed))
+            self.results[key] = self.guarded(key, fn)
+            self.log(f'  {key}: {"done" if isinstance(self.results[key], list) else self.results[key]}')
             self.save()
 
     # -- the plan ---------------------------------------------------------------------------------------------------

@@ -261,6 +261,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from fnmatch import fnmatchcase
     from safetensors.torch import save_file
     from .hub.checkpoint import read_checkpoint, unwrap_state_dict
+    _stage(f'reading {args.src}' + (f' into {args.model} (a strict load checks it)' if args.model else ''))
     if args.full:  # the whole model (an l-DAE's decoder and tokenizer too), checked by a strict load
         from .models import full_model
         if not args.model:
@@ -276,6 +277,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         keep = args.keep if args.keep is not None else ['*tokenizer.*', '*pos_embed']
         state = {k: v.to(dtype) if v.is_floating_point() and not any(fnmatchcase(k, p) for p in keep) else v
                  for k, v in state.items()}
+    _stage(f'writing {args.dst}')
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, args.dst,
               metadata={'format': 'pt', **({'architecture': args.model} if args.model else {})})
     size = os.path.getsize(args.dst) / 2 ** 20
@@ -413,7 +415,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from .probe import fit_linear_probe, grid_to_json, knn_accuracy, mae_linear_probe, plot_grid, write_json
+    from .probe import grid_to_json, mae_linear_probe, plot_grid, probe_features, write_json
     device = _device(args.device)
     model = _model(args, merged=False, **({} if args.t is None else {'t': args.t})).to(device)
     result: Dict[str, Any] = dict(model=args.model, checkpoint=args.checkpoint, mode=args.mode, dataset=args.dataset,
@@ -433,15 +435,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
         result.update(n_train=len(ytr), n_test=len(yte), extract_s=round(getattr(args, '_extract_s', 0.0), 1))
         pk = dict(solver=args.solver, weight_decay=args.weight_decay, epochs=args.epochs, lr=args.lr, device=device,
                   seed=args.seed)
-        rows = {}
         _stage(f'probing {len(ftr)} (layer, t) cells ({args.solver})')
-        for key in ftr:
-            r = fit_linear_probe(ftr[key], ytr, fte[key], yte, **pk)
-            rows[key] = dict(top1=r['top1'], train_top1=r['train_top1'], fit_s=r['fit_s'])
-            if args.knn:
-                rows[key]['knn_top1'] = knn_accuracy(ftr[key], ytr, fte[key], yte, device=device)
-            if args.check_lbfgs and args.solver != 'lbfgs':
-                rows[key]['lbfgs_top1'] = fit_linear_probe(ftr[key], ytr, fte[key], yte, **{**pk, 'solver': 'lbfgs'})['top1']
+        rows = probe_features(ftr, ytr, fte, yte, knn=args.knn, check_lbfgs=args.check_lbfgs, **pk)
         result['grid'] = grid_to_json(rows)
         best_key = max(rows, key=lambda k: rows[k]['top1'])
         result.update(top1=rows[best_key]['top1'], best_layer=best_key[0], best_t=best_key[1])
@@ -462,27 +457,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def _floors(args: argparse.Namespace, model: torch.nn.Module, device: torch.device, pk: Dict[str, Any],
             layer: int) -> Dict[str, Any]:
-    """The floors of the same run: a random network of the same shape (same layer), and the raw pixels."""
-    from .features import dataset_features
-    from .probe import fit_linear_probe, knn_accuracy, pixel_features, random_counterpart
+    """The floors of the same run (``probe.floors``) on the splits the model was probed on."""
+    from .probe import floors
     train, test = _splits(args, _img_size(model), device)
-    floors = {}
-    rand = random_counterpart(model, seed=args.seed).to(device)
-    _stage('floor: a random network of the same shape')
-    kw = dict(layers=[layer], batch_size=args.batch_size_features, device=device)
-    ftr = next(iter(dataset_features(rand, train, desc='train features', **kw).values()))
-    fte = next(iter(dataset_features(rand, test, desc='test features', **kw).values()))
-    floors['random_same_shape'] = dict(model=type(rand).__name__, top1=fit_linear_probe(ftr, train.labels, fte,
-                                                                                        test.labels, **pk)['top1'])
-    _stage('floor: raw pixels')
-    ptr, pte = pixel_features(train), pixel_features(test)
-    floors['raw_pixels'] = dict(dim=ptr.shape[1], top1=fit_linear_probe(ptr, train.labels, pte, test.labels, **pk)['top1'])
-    if args.knn:
-        floors['random_same_shape']['knn_top1'] = knn_accuracy(ftr, train.labels, fte, test.labels, device=device)
-        floors['raw_pixels']['knn_top1'] = knn_accuracy(ptr, train.labels, pte, test.labels, device=device)
-    for name, r in floors.items():
+    result = floors(model, train, test, layer=layer, knn=args.knn, batch_size=args.batch_size_features,
+                    progress=True, log=_stage, **pk)
+    for name, r in result.items():
         print(f'floor {name}: linear top-1 {r["top1"]:.2f}%' + (f', kNN {r["knn_top1"]:.2f}%' if 'knn_top1' in r else ''))
-    return floors
+    return result
 
 
 # -- the parser ---------------------------------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ from .data import ImageData, augment, normalize
 from .features import dataset_features, feature_key
 from .models.extractor import FeatureDict, as_extractor
 
-__all__ = ['LinearProbeHead', 'fit_linear_probe', 'knn_accuracy', 'grid_probe', 'mae_linear_probe', 'plot_grid',
-           'random_counterpart', 'pixel_features', 'check_against_lbfgs', 'SOLVERS']
+__all__ = ['LinearProbeHead', 'fit_linear_probe', 'knn_accuracy', 'grid_probe', 'probe_features', 'floors',
+           'mae_linear_probe', 'plot_grid', 'random_counterpart', 'pixel_features', 'check_against_lbfgs', 'SOLVERS']
 
 SOLVERS = ('lbfgs', 'adam')
 GridKey = Tuple[int, Optional[float]]
@@ -228,14 +228,20 @@ def grid_probe(
 
 def probe_features(ftr: FeatureDict, ytr: torch.Tensor, fte: FeatureDict, yte: torch.Tensor,
                    device: Union[str, torch.device] = 'cpu', seed: int = 0, knn: bool = False,
-                   **probe_kwargs: Any) -> Dict[GridKey, Dict[str, float]]:
-    """Probe every key of extracted features: ``{key: {'top1': ..., 'knn_top1': ...}}``."""
+                   check_lbfgs: bool = False, **probe_kwargs: Any) -> Dict[GridKey, Dict[str, float]]:
+    """Probe every key of extracted features: ``{key: {'top1', 'train_top1', 'fit_s'[, 'knn_top1'][, 'lbfgs_top1']}}``.
+
+    ``check_lbfgs`` with ``solver='adam'`` also fits the full-batch L-BFGS probe, to show how far Adam stopped.
+    """
     out = {}
     for key in ftr:
         r = fit_linear_probe(ftr[key], ytr, fte[key], yte, device=device, seed=seed, **probe_kwargs)
-        cell = dict(top1=r['top1'], train_top1=r['train_top1'])
+        cell = dict(top1=r['top1'], train_top1=r['train_top1'], fit_s=r['fit_s'])
         if knn:
             cell['knn_top1'] = knn_accuracy(ftr[key], ytr, fte[key], yte, device=device)
+        if check_lbfgs and probe_kwargs.get('solver', 'lbfgs') != 'lbfgs':
+            cell['lbfgs_top1'] = fit_linear_probe(ftr[key], ytr, fte[key], yte, device=device, seed=seed,
+                                                  **{**probe_kwargs, 'solver': 'lbfgs'})['top1']
         out[key] = cell
     return out
 
@@ -279,6 +285,30 @@ def pixel_features(data: ImageData, max_dim: int = 3072, mean: Sequence[float] =
             x = F.adaptive_avg_pool2d(x, side)
         out.append(x.flatten(1).cpu())
     return torch.cat(out)
+
+
+def floors(model: nn.Module, train: ImageData, test: ImageData, layer: int = -1, knn: bool = True,
+           batch_size: int = 256, device: Union[str, torch.device] = 'cpu', seed: int = 0, progress: bool = False,
+           log: Any = None, **probe_kwargs: Any) -> Dict[str, Dict[str, Any]]:
+    """The two floors every probe table reports, measured on the same splits with the same probe: a randomly
+    initialised network of the model's shape (``random_counterpart``, tapped at the same ``layer``) and the raw pixels
+    (``pixel_features``). Returns ``{'random_same_shape': {...}, 'raw_pixels': {...}}`` with ``top1`` (and
+    ``knn_top1``); ``log`` (a callable) is told each stage."""
+    log = log or (lambda msg: None)
+    rand = random_counterpart(model, seed=seed).to(device)
+    log('floor: a random network of the same shape')
+    kw = dict(layers=[layer], batch_size=batch_size, device=device, progress=progress)
+    ftr = next(iter(dataset_features(rand, train, desc='train features', **kw).values()))
+    fte = next(iter(dataset_features(rand, test, desc='test features', **kw).values()))
+    log('floor: raw pixels')
+    ptr, pte = pixel_features(train), pixel_features(test)
+    out = {}
+    for name, (xtr, xte), info in (('random_same_shape', (ftr, fte), dict(model=type(rand).__name__)),
+                                   ('raw_pixels', (ptr, pte), dict(dim=ptr.shape[1]))):
+        cell = probe_features({name: xtr}, train.labels, {name: xte}, test.labels, device=device, seed=seed, knn=knn,
+                              **probe_kwargs)[name]
+        out[name] = dict(info, **cell)
+    return out
 
 
 # -- MAE's protocol --------------------------------------------------------------------------------------------------

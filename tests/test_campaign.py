@@ -25,7 +25,8 @@ def test_campaign_smoke(tmp_path, monkeypatch):
         assert 'flags' in run and run['epochs'] >= 1
     assert r['best_recipe'] in ('base', 'd4') and r['runs']['long']['recipe'] == r['best_recipe']
     assert {'random_same_shape', 'raw_pixels'} <= set(r['floors'])
-    assert isinstance(r['grid_clean'], list) and len(r['grid_clean']) >= 4
+    assert isinstance(r['grid_clean'], list) and len(r['grid_clean']) >= 4 and isinstance(r['grid_noisy'], list)
+    assert all('knn_top1' in v for v in r['floors'].values())
     out = tmp_path / 'out'
     files = [p for p in out.rglob('*') if p.is_file()]
     assert len(files) <= 8 and all(p.stat().st_size <= 16 << 20 for p in files)
