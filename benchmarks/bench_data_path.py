@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 import torch
 
 from ldae_models.data import load_split, normalize
-from ldae_models.train import Batches, TrainConfig, TrainingObjective, _SeededFolder, build_model, step_draws
+from ldae_models.train import Batches, DenoisingObjective, TrainConfig, _SeededFolder, build_model, step_draws
 
 _MASK = (1 << 63) - 1
 
@@ -60,9 +60,9 @@ class LegacyFolder(_SeededFolder):
             return self.transform(img.convert('RGB')), label, s
 
 
-def sources(cfg: TrainConfig, model: torch.nn.Module, steps: int, data: Any) -> Dict[str, Callable[[], Iterator[Any]]]:
+def sources(cfg: TrainConfig, objective: DenoisingObjective, steps: int, data: Any) -> Dict[str, Callable[[], Iterator[Any]]]:
     """Each path as a generator of (images, t, noise) for ``steps`` steps (``data``: the split decoded once)."""
-    shape = model.noise_shape(torch.zeros(1, 3, 32, 32))
+    shape = objective.model.noise_shape(torch.zeros(1, 3, 32, 32))
     dev = torch.device('cpu')
 
     def legacy():
@@ -77,9 +77,10 @@ def sources(cfg: TrainConfig, model: torch.nn.Module, steps: int, data: Any) -> 
         def gen():
             folder = None if in_memory else _SeededFolder(cfg.data_root, 32, 'center', cfg.seed)
             n = len(data) if in_memory else len(folder)
-            for step, offset, images in Batches(cfg, n, 1, 0, 0, steps, data if in_memory else None, folder, dev):
-                d = step_draws(cfg, step, model, shape, dev)
-                yield normalize(images), d['t'], d['noise']
+            for step, offset, images, _ in Batches(cfg, n, 1, 0, 0, steps, data if in_memory else None, folder, dev):
+                x = normalize(images)
+                d = step_draws(cfg, step, objective, x)
+                yield x, d['t'], d['noise']
         return gen
 
     return {'legacy': legacy, 'stream': new(False), 'memory': new(True)}
@@ -98,12 +99,12 @@ def main() -> None:
     model = build_model(cfg)
     images = load_split('folder', args.data_root, 'train', 32, progress=False)
     model.fit_tokenizer([normalize(images.images[:2000])])
-    objective = TrainingObjective(model)
+    objective = DenoisingObjective(model, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     t0 = time.perf_counter()
     decoded = load_split('folder', args.data_root, 'train', 32, progress=False)
     decode_s = time.perf_counter() - t0
-    paths = sources(cfg, model, args.steps, decoded)
+    paths = sources(cfg, objective, args.steps, decoded)
     data_s: Dict[str, List[float]] = {k: [] for k in paths}
     step_ips: Dict[str, List[float]] = {k: [] for k in paths}
     names = list(paths)
@@ -114,7 +115,7 @@ def main() -> None:
             data_s[k].append((time.perf_counter() - t0) / args.steps)
             t0 = time.perf_counter()
             for x, t, noise in paths[k]():  # whole steps fed by the path
-                objective(x, t, noise).backward()
+                objective(x, None, t, noise).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             step_ips[k].append(args.steps * args.batch_size / (time.perf_counter() - t0))

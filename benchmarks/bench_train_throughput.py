@@ -2,7 +2,7 @@
 
 For each size, one full training step (forward, loss, backward, fused AdamW step) is timed for:
 
-- ``ldae``: the whole l-DAE step as ``ldae-models train`` runs it (``TrainingObjective``: latent noise through the PCA
+- ``ldae``: the whole l-DAE step as ``ldae-models train`` runs it (``DenoisingObjective``: latent noise through the PCA
   tokenizer in float32, encoder + decoder, the loss in the PCA basis), its t and noise drawn on the device;
 - ``timm_vit``: the step a user would otherwise write, timm's ``VisionTransformer`` with the same width, the same number
   of blocks (encoder + decoder) and tokens (no class token), regressing its output tokens onto the patches with an MSE.
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from timm.models import VisionTransformer
 
 from ldae_models.models import full_model
-from ldae_models.train import TrainingObjective, resolve_amp
+from ldae_models.train import DenoisingObjective, TrainConfig, resolve_amp
 
 DEFAULT_MODELS = ['ldae_vit_tiny_patch4_32', 'ldae_vit_small_patch4_32', 'ldae_vit_base_patch16_256',
                   'ldae_vit_large_patch16_256']
@@ -63,7 +63,7 @@ def ldae_step(name: str, batch: int, device: torch.device, amp: Optional[Dict[st
     size = dae.encoder.input_size()
     images = torch.rand(batch, *size, device=device) * 2 - 1
     dae.fit_tokenizer([images[:64]])
-    net = TrainingObjective(dae)
+    net = DenoisingObjective(dae, TrainConfig(model=name))
     net = torch.compile(net) if compile_ else net
     gen = torch.Generator(device).manual_seed(0)
     shape = dae.noise_shape(images)
@@ -73,7 +73,7 @@ def ldae_step(name: str, batch: int, device: torch.device, amp: Optional[Dict[st
         t = dae.schedule.sample_t(batch, generator=gen, device=device)
         noise = torch.randn((batch, *shape), generator=gen, device=device)
         with torch.autocast(**amp) if amp else contextlib.nullcontext():
-            loss = net(images, t, noise)
+            loss = net(images, None, t, noise)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -28,14 +28,13 @@ safetensors shards of at most 15 MiB with their index (which ``file=`` and ``lda
 """
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 HERE = Path(__file__).resolve().parent
 MODEL = 'ldae_vit_tiny_patch4_32'

@@ -323,14 +323,29 @@ def _add_config_args(p: argparse.ArgumentParser, config_cls: type) -> None:
             p.add_argument(flag, type=base, default=default, choices=meta.get('choices'), help=helptext)
 
 
+def _config(config_cls: type, args: argparse.Namespace) -> Any:
+    """The config dataclass the flags of ``_add_config_args`` describe (JSON dict flags default to {})."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)}
+    for f in dataclasses.fields(config_cls):
+        if values[f.name] is None and f.default is dataclasses.MISSING:  # a dict field given no JSON
+            values[f.name] = f.default_factory()
+    return config_cls(**values)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    if values['model_args'] is None:
-        values['model_args'] = {}
-    result = train(TrainConfig(**values))
+    result = train(_config(TrainConfig, args))
     if result.get('weights'):
         _stage(f'done: {result["step"]} steps; weights {result["weights"]}')
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .distill import DistillConfig, distill
+    result = distill(_config(DistillConfig, args))
+    if result.get('student'):
+        _stage(f'done: the student is {result["student"]} (timm.create_model(\'local-dir:{result["student"]}\', '
+               f'pretrained=True))')
     return 0
 
 
@@ -513,6 +528,14 @@ def build_parser() -> argparse.ArgumentParser:
                        'flag is a field; torchrun runs it on many GPUs). See ldae_models/train.py.')
     _add_config_args(p, TrainConfig)
     p.set_defaults(func=cmd_train)
+
+    from .distill import DistillConfig
+    p = sub.add_parser('distill', help="RepFusion: distil a diffusion teacher's features into a timm student",
+                       description='Distil a teacher of the zoo at (layer, t) into any timm student, t chosen by a '
+                                   'fixed, random or learned (REINFORCE) policy, then fine-tune the student on the '
+                                   'labels. Each flag is a field of DistillConfig (ldae_models/distill.py).')
+    _add_config_args(p, DistillConfig)
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser('extract', help="write a data set's features to safetensors shards",
                        description='Extract pooled features of every image of a data set at chosen (layers, t) and '

@@ -1,8 +1,12 @@
-"""Training: the l-DAE objective (and its ablations) and the DDPM objective of the DDAE UNets.
+"""Training: the zoo's one training loop, and the denoising objectives it runs (l-DAE and its ablations, the DDPM
+objective of the DDAE UNets).
 
-``TrainConfig`` holds every setting with the reason for it; ``train(config)`` runs it, in one process on a CPU or GPU
-or under torchrun on any number of GPUs (DistributedDataParallel). The command line (``ldae-models train``) and the
-benchmarks build the config; nothing else reads arguments.
+``RunConfig`` holds what every run shares (data, budget and optimiser, precision, the run's folder and seed),
+``TrainConfig`` adds the denoising model and its ablations, each field with the reason for it. ``run(config,
+make_objective)`` is the loop, in one process on a CPU or GPU or under torchrun on any number of GPUs
+(DistributedDataParallel); an ``Objective`` says what it optimises. ``train(config)`` runs a ``DenoisingObjective``;
+``ldae_models.distill`` (RepFusion) runs its own objective through the same loop. The command line (``ldae-models
+train``, ``ldae-models distill``) and the benchmarks build the configs; nothing else reads arguments.
 
     ldae-models train --dataset cifar10 --data-root ~/data --out runs/tiny --epochs 400
     torchrun --nproc_per_node 8 -m ldae_models train --model ldae_vit_base_patch16_256 --data-root IMAGENET ...
@@ -30,12 +34,11 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -44,7 +47,8 @@ import torch.nn as nn
 from .data import DATASETS, ImageData, augment, load_split, normalize
 from .layers.schedules import randn
 
-__all__ = ['TrainConfig', 'train', 'build_model', 'lr_at', 'CKPT_NAME', 'cpu_has_native_bf16', 'step_seed']
+__all__ = ['RunConfig', 'TrainConfig', 'Objective', 'DenoisingObjective', 'run', 'train', 'build_model', 'lr_at',
+           'CKPT_NAME', 'cpu_has_native_bf16', 'step_seed']
 
 CKPT_NAME = 'ckpt_last.pth'
 _MASK = (1 << 63) - 1
@@ -59,25 +63,11 @@ def _arg(default: Any, help: str, **kw: Any) -> Any:
 
 
 @dataclass
-class TrainConfig:
-    """Everything a training run depends on; ``vars`` of it is stored in every checkpoint."""
+class RunConfig:
+    """What every training run of the zoo shares (``ldae-models train`` and ``ldae-models distill``): data, budget and
+    optimiser, precision, the run's folder, seed and checkpoints. ``vars`` of a run's config is stored in every
+    checkpoint."""
 
-    # -- what to train
-    model: str = _arg('ldae_vit_tiny_patch4_32', 'an l-DAE size (ldae_vit_*) or a DDAE UNet (ddae_*)')
-    model_args: Dict[str, Any] = _arg(None, 'constructor overrides as JSON, e.g. {"depth": 6}', factory=dict)
-    target: Optional[str] = _arg(None, "l-DAE prediction target (default 'image', the final l-DAE; Tab. 3)",
-                                 choices=('image', 'latent', 'noise'))
-    noise_space: Optional[str] = _arg(None, "where noise is added: 'latent' (l-DAE) or 'pixel' (classical DAE)",
-                                      choices=('latent', 'pixel'))
-    schedule: Optional[str] = _arg(None, "noise schedule: 'linear_sigma' (final l-DAE), 'single' (one level), "
-                                         "'vp_linear' (input-scaled, Tab. 1/3)",
-                                   choices=('linear_sigma', 'single', 'vp_linear'))
-    sigma_max: Optional[float] = _arg(None, 'sigma at the last step of linear_sigma (the paper: sqrt 2); larger '
-                                            'hides more of the image at high t')
-    latent_dim: Optional[int] = _arg(None, 'd, the PCA components kept as the latent (Tab. 2)')
-    latent_scale: Optional[str] = _arg(None, "latent scale (ours): 'global' (one scale), 'whiten' (per component)",
-                                       choices=('global', 'whiten', 'none'))
-    residual_weight: Optional[float] = _arg(None, 'loss weight of the discarded PCA components (the paper: 0.1)')
     # -- data
     dataset: str = _arg('folder', "'folder' (an ImageFolder), 'cifar10' (torchvision's files), 'npz'",
                         choices=DATASETS)
@@ -104,13 +94,8 @@ class TrainConfig:
     amp: str = _arg('auto', "bf16 autocast: 'auto' (on a GPU, and on a CPU with AVX512-BF16 or AMX), 'bf16', 'off'",
                     choices=('auto', 'bf16', 'off'))
     compile: bool = _arg(False, 'torch.compile the training step')
-    grad_checkpointing: bool = _arg(False, 'recompute activations in backward (l-DAE): less memory, more time')
     nan_check_every: int = _arg(25, 'steps between reads of the non-finite-loss flag (each read waits on the device)')
     device: str = _arg('auto', "'auto' (the local GPU if any), 'cpu', 'cuda'", choices=('auto', 'cpu', 'cuda'))
-    # -- PCA tokenizer
-    pca_images: int = _arg(50_000, 'images streamed into the PCA fit (the first step of an l-DAE run)')
-    pca_patches_per_image: Optional[int] = _arg(None, 'random patches per image in the fit (default: all)')
-    pca_from: Optional[str] = _arg(None, 'take the fitted tokenizer from this checkpoint instead of fitting')
     # -- the run
     out: str = _arg('', 'output folder: checkpoints, log.jsonl, final weights')
     seed: int = _arg(0, 'the seed of every random draw of the run')
@@ -118,6 +103,33 @@ class TrainConfig:
     ckpt_every: int = _arg(1000, 'steps between checkpoints (also at the end)')
     log_every: int = _arg(50, 'steps between JSON log lines')
     quiet: bool = _arg(False, 'no progress bar')
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """A denoising run: the l-DAE objective (and its ablations) or the DDPM objective of a DDAE UNet."""
+
+    # -- what to train
+    model: str = _arg('ldae_vit_tiny_patch4_32', 'an l-DAE size (ldae_vit_*) or a DDAE UNet (ddae_*)')
+    model_args: Dict[str, Any] = _arg(None, 'constructor overrides as JSON, e.g. {"depth": 6}', factory=dict)
+    target: Optional[str] = _arg(None, "l-DAE prediction target (default 'image', the final l-DAE; Tab. 3)",
+                                 choices=('image', 'latent', 'noise'))
+    noise_space: Optional[str] = _arg(None, "where noise is added: 'latent' (l-DAE) or 'pixel' (classical DAE)",
+                                      choices=('latent', 'pixel'))
+    schedule: Optional[str] = _arg(None, "noise schedule: 'linear_sigma' (final l-DAE), 'single' (one level), "
+                                         "'vp_linear' (input-scaled, Tab. 1/3)",
+                                   choices=('linear_sigma', 'single', 'vp_linear'))
+    sigma_max: Optional[float] = _arg(None, 'sigma at the last step of linear_sigma (the paper: sqrt 2); larger '
+                                            'hides more of the image at high t')
+    latent_dim: Optional[int] = _arg(None, 'd, the PCA components kept as the latent (Tab. 2)')
+    latent_scale: Optional[str] = _arg(None, "latent scale (ours): 'global' (one scale), 'whiten' (per component)",
+                                       choices=('global', 'whiten', 'none'))
+    residual_weight: Optional[float] = _arg(None, 'loss weight of the discarded PCA components (the paper: 0.1)')
+    grad_checkpointing: bool = _arg(False, 'recompute activations in backward (l-DAE): less memory, more time')
+    # -- PCA tokenizer
+    pca_images: int = _arg(50_000, 'images streamed into the PCA fit (the first step of an l-DAE run)')
+    pca_patches_per_image: Optional[int] = _arg(None, 'random patches per image in the fit (default: all)')
+    pca_from: Optional[str] = _arg(None, 'take the fitted tokenizer from this checkpoint instead of fitting')
 
     def model_kwargs(self) -> Dict[str, Any]:
         """The whole model's constructor arguments: ``model_args`` and the l-DAE ablation fields that are set."""
@@ -184,15 +196,97 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     return model
 
 
-class TrainingObjective(nn.Module):
-    """The model's ``training_loss`` as a forward, so that DistributedDataParallel and torch.compile wrap it."""
+class Objective(nn.Module):
+    """What a run optimises, as a module the loop wraps (DistributedDataParallel, torch.compile).
 
-    def __init__(self, model: nn.Module) -> None:
+    The loop (``run``) owns data, randomness, optimiser, precision, checkpoints and logging; an objective says:
+
+    - ``trained``: the module whose weights are optimised, checkpointed, averaged (EMA) and exported;
+    - ``img_size``: the side of the square images it takes;
+    - ``build(num_classes)``: told the data's number of classes once it is loaded (a supervised student's head);
+    - ``prepare(cfg, data, folder, rank, world, device)``: once, at the start of a fresh run (l-DAE: the PCA fit),
+      logged as the stage ``prepare_stage(n)`` names;
+    - ``draws(generator, batch, x)``: the random draws of a step for the whole global batch (``batch`` rows), from the
+      step's generator on the device; each micro-batch gets its rows;
+    - ``forward(x, y, **draws)``: the loss of a micro-batch (images in [-1, 1], labels, its rows of the draws);
+    - ``begin_step(step, steps_per_epoch)``: told before each step (schedules inside the objective);
+    - ``log_record()``: extra numbers for a log line (read only at log steps);
+    - ``export(trained, cfg, out)``: the final files; returns the main one;
+    - ``unused_parameters``: True when some trained parameters may take no part in a step's loss (a student's
+      classifier while it is distilled): DistributedDataParallel must then look for them each step.
+    """
+
+    img_size: int = 0
+    unused_parameters: bool = False
+
+    @property
+    def trained(self) -> nn.Module:
+        raise NotImplementedError
+
+    def build(self, num_classes: int) -> None:
+        """Told the data's number of classes once the data is loaded, before the optimiser is made."""
+
+    def prepare_stage(self, n: int) -> Optional[Tuple[str, Dict[str, Any]]]:
+        """The log stage (name, info) of ``prepare`` on ``n`` images, if it does any work."""
+        return None
+
+    def prepare(self, cfg: RunConfig, data: Optional[ImageData], folder: Any, rank: int, world: int,
+                device: torch.device) -> None:
+        pass
+
+    def draws(self, generator: torch.Generator, batch: int, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {}
+
+    def begin_step(self, step: int, steps_per_epoch: int) -> None:
+        pass
+
+    def log_record(self) -> Dict[str, Any]:
+        return {}
+
+    def export(self, trained: nn.Module, cfg: RunConfig, out: Path) -> Path:
+        raise NotImplementedError
+
+
+class DenoisingObjective(Objective):
+    """The model's own ``training_loss`` (l-DAE, DDPM UNet) at t and noise drawn by its schedule."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.cfg = model, cfg
+        self.is_dae = hasattr(model, 'tokenizer')  # an l-DAE: its PCA is fitted first, its encoder exported last
+        self.img_size = int(model.encoder.input_size()[-1]) if self.is_dae else int(model.input_size()[-1])
+        self._noise_shape: Optional[Tuple[int, ...]] = None
 
-    def forward(self, images: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    @property
+    def trained(self) -> nn.Module:
+        return self.model
+
+    def prepare_stage(self, n: int) -> Optional[Tuple[str, Dict[str, Any]]]:
+        return ('pca', dict(images=min(self.cfg.pca_images, n))) if self.is_dae else None
+
+    def prepare(self, cfg: RunConfig, data: Optional[ImageData], folder: Any, rank: int, world: int,
+                device: torch.device) -> None:
+        if not self.is_dae:
+            return
+        if self.cfg.pca_from:  # the PCA fit is a step of the run (or taken from a fitted model's file)
+            from .hub.checkpoint import read_checkpoint, unwrap_state_dict
+            sd = unwrap_state_dict(read_checkpoint(self.cfg.pca_from))
+            self.model.tokenizer.load_state_dict({k.split('tokenizer.', 1)[1]: v for k, v in sd.items()
+                                                  if 'tokenizer.' in k})
+        else:
+            _fit_pca(self.model, self.cfg, data, folder, rank, world, device)
+
+    def draws(self, generator: torch.Generator, batch: int, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if self._noise_shape is None:
+            self._noise_shape = tuple(self.model.noise_shape(x))
+        return dict(t=self.model.schedule.sample_t(batch, generator=generator, device=x.device),
+                    noise=randn((batch, *self._noise_shape), generator=generator, device=x.device))
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return self.model.training_loss(images, t, noise)
+
+    def export(self, trained: nn.Module, cfg: RunConfig, out: Path) -> Path:
+        return export_final(trained, self.cfg, out, self.is_dae)
 
 
 # -- data -----------------------------------------------------------------------------------------------------
@@ -234,7 +328,7 @@ class Batches:
     with its offset in the global batch, where its crops, t and noise are read from the step's global draws.
     """
 
-    def __init__(self, cfg: TrainConfig, n: int, world: int, rank: int, start_step: int, total_steps: int,
+    def __init__(self, cfg: RunConfig, n: int, world: int, rank: int, start_step: int, total_steps: int,
                  data: Optional[ImageData], folder: Optional[_SeededFolder], device: torch.device) -> None:
         if cfg.batch_size % (world * cfg.accum_steps):
             raise ValueError(f'--batch-size {cfg.batch_size} must be divisible by processes x accumulation '
@@ -248,8 +342,8 @@ class Batches:
         self.part = cfg.batch_size // world
         self.micro = self.part // cfg.accum_steps
 
-    def __iter__(self) -> Iterator[Tuple[int, int, torch.Tensor]]:
-        """(step, offset in the global batch, uint8 images on the device)."""
+    def __iter__(self) -> Iterator[Tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """(step, offset in the global batch, uint8 images and their labels on the device)."""
         loader = self._loader() if self.folder is not None else None
         step, perm, perm_epoch = self.start_step, None, -1
         while step < self.total_steps:
@@ -257,13 +351,14 @@ class Batches:
             for a in range(self.cfg.accum_steps):
                 offset = self.rank * self.part + a * self.micro
                 if loader is not None:
-                    images = next(loader)[0].to(self.device, non_blocking=True)
+                    images, labels = (v.to(self.device, non_blocking=True) for v in next(loader)[:2])
                 else:
                     if epoch != perm_epoch:
                         perm, perm_epoch = self._perm(epoch).to(self.device), epoch
                     lo = s * self.cfg.batch_size + offset
-                    images = self.data.images[perm[lo:lo + self.micro]]
-                yield step, offset, images
+                    idx = perm[lo:lo + self.micro]
+                    images, labels = self.data.images[idx], self.data.labels[idx]
+                yield step, offset, images, labels
             step += 1
 
     def _perm(self, epoch: int) -> torch.Tensor:
@@ -290,14 +385,13 @@ class Batches:
                                                 pin_memory=self.device.type == 'cuda'))
 
 
-def step_draws(cfg: TrainConfig, step: int, model: nn.Module, shape: Tuple[int, ...], device: torch.device
-               ) -> Dict[str, torch.Tensor]:
-    """The random draws of a step for the whole global batch, on the device: t, noise, crop parameters."""
-    gen = torch.Generator(device).manual_seed(step_seed(cfg.seed, 2, step))
-    G = cfg.batch_size
-    return dict(t=model.schedule.sample_t(G, generator=gen, device=device),
-                noise=randn((G, *shape), generator=gen, device=device),
-                crop=torch.rand(G, 5, generator=gen, device=device))
+def step_draws(cfg: RunConfig, step: int, objective: Objective, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The random draws of a step for the whole global batch, on the device, from the step's counter-based seed: the
+    objective's (t, noise, ...), then the crop parameters."""
+    gen = torch.Generator(x.device).manual_seed(step_seed(cfg.seed, 2, step))
+    draws = objective.draws(gen, cfg.batch_size, x)
+    draws['crop'] = torch.rand(cfg.batch_size, 5, generator=gen, device=x.device)
+    return draws
 
 
 # -- checkpoints, distributed, logging ---------------------------------------------------------------------------
@@ -316,7 +410,8 @@ def setup_distributed(device: str) -> Tuple[int, int, torch.device]:
         raise ValueError('--device cuda: no CUDA device is available')
     rank, local = 0, 0
     if world > 1:
-        dist.init_process_group('nccl' if use_cuda else 'gloo')
+        if not dist.is_initialized():  # a caller that runs several stages (distill) holds one group for all of them
+            dist.init_process_group('nccl' if use_cuda else 'gloo')
         rank, local = dist.get_rank(), int(os.environ.get('LOCAL_RANK', '0'))
     if use_cuda:
         torch.cuda.set_device(local)
@@ -369,7 +464,7 @@ def _progress(total: int, start: int, enabled: bool):
 
 # -- the run --------------------------------------------------------------------------------------------------------
 
-def _load_data(cfg: TrainConfig, img_size: int, device: torch.device, is_main: bool
+def _load_data(cfg: RunConfig, img_size: int, device: torch.device, is_main: bool
                ) -> Tuple[Optional[ImageData], Optional[_SeededFolder], int]:
     if not cfg.data_root:
         raise ValueError('--data-root is required (an ImageFolder, a CIFAR-10 folder or an .npz file)')
@@ -387,6 +482,12 @@ def _load_data(cfg: TrainConfig, img_size: int, device: torch.device, is_main: b
         return None, folder, len(folder)
     data = load_split(cfg.dataset, cfg.data_root, 'train', img_size, download=cfg.download, progress=is_main)
     return data.to(device), None, len(data)
+
+
+def _num_classes(data: Optional[ImageData], folder: Optional[_SeededFolder]) -> int:
+    if data is not None:
+        return len(data.classes) if data.classes else int(data.labels.max().item()) + 1
+    return len(folder.folder.classes)
 
 
 def _fit_pca(model: nn.Module, cfg: TrainConfig, data: Optional[ImageData], folder: Optional[_SeededFolder],
@@ -409,7 +510,22 @@ def _fit_pca(model: nn.Module, cfg: TrainConfig, data: Optional[ImageData], fold
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
-    """Run a config to its end (or resume it); returns the last step, the last log record and the weights' path."""
+    """Run a denoising config to its end (or resume it); returns the last step, the last log record and the weights'
+    path."""
+    def make() -> Objective:
+        model = build_model(cfg)
+        if cfg.grad_checkpointing:
+            if not hasattr(model, 'set_grad_checkpointing'):
+                raise ValueError(f'--grad-checkpointing is not available for {cfg.model}')
+            model.set_grad_checkpointing(True)
+        return DenoisingObjective(model, cfg)
+    return run(cfg, make)
+
+
+def run(cfg: RunConfig, make_objective: Callable[[], Objective]) -> Dict[str, Any]:
+    """The training loop every run of the zoo shares: one process or torchrun, exact resume, device-resident data,
+    counter-based draws, no per-step host sync, bf16 autocast, EMA, atomic checkpoints, a log line per stage."""
+    owns_group = not (dist.is_available() and dist.is_initialized())
     rank, world, device = setup_distributed(cfg.device)
     is_main = rank == 0
     if not cfg.out:
@@ -419,11 +535,12 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     log = Log(out, is_main)
     torch.manual_seed(cfg.seed)
 
-    model = build_model(cfg).to(device)
-    is_dae = hasattr(model, 'tokenizer')  # an l-DAE: its PCA is fitted first, its encoder exported last
-    img_size = int(model.encoder.input_size()[-1]) if is_dae else int(model.input_size()[-1])
+    objective = make_objective()
     log.stage('data', dataset=cfg.dataset, root=str(cfg.data_root))
-    data, folder, n = _load_data(cfg, img_size, device, is_main)
+    data, folder, n = _load_data(cfg, objective.img_size, device, is_main)
+    objective.build(_num_classes(data, folder))
+    objective = objective.to(device)
+    model = objective.trained
     steps_per_epoch = n // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f'--batch-size {cfg.batch_size} is larger than the data set ({n} images)')
@@ -436,8 +553,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     if cfg.ema:
         from timm.utils import ModelEmaV3
         ema = ModelEmaV3(model, decay=cfg.ema)
-    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
-                            fused=device.type == 'cuda')
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=peak_lr,
+                            weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=device.type == 'cuda')
     start_step = 0
     ckpt_path = out / CKPT_NAME
     if cfg.resume and ckpt_path.exists():
@@ -448,29 +565,22 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             ema.module.load_state_dict(state['ema'])
         start_step = int(state['step'])
         log(event='resumed', step=start_step, checkpoint=str(ckpt_path))
-    elif is_dae:  # the PCA fit is a step of the run (or taken from a fitted model's file)
-        log.stage('pca', images=min(cfg.pca_images, n))
-        if cfg.pca_from:
-            from .hub.checkpoint import read_checkpoint, unwrap_state_dict
-            sd = unwrap_state_dict(read_checkpoint(cfg.pca_from))
-            model.tokenizer.load_state_dict({k.split('tokenizer.', 1)[1]: v for k, v in sd.items() if 'tokenizer.' in k})
-        else:
-            _fit_pca(model, cfg, data, folder, rank, world, device)
+    else:
+        stage = objective.prepare_stage(n)
+        if stage is not None:
+            log.stage(stage[0], **stage[1])
+        objective.prepare(cfg, data, folder, rank, world, device)
         if ema is not None:
             ema.module.load_state_dict(model.state_dict())
 
-    if cfg.grad_checkpointing:
-        if not hasattr(model, 'set_grad_checkpointing'):
-            raise ValueError(f'--grad-checkpointing is not available for {cfg.model}')
-        model.set_grad_checkpointing(True)
-    net: nn.Module = TrainingObjective(model)
+    net: nn.Module = objective
     if cfg.compile:
         net = torch.compile(net)
     if world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == 'cuda' else None)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == 'cuda' else None,
+                                                  find_unused_parameters=objective.unused_parameters)
     amp = resolve_amp(cfg.amp, device)
     batches = Batches(cfg, n, world, rank, start_step, total_steps, data, folder, device)
-    noise_shape = None
     bad = torch.zeros((), dtype=torch.bool, device=device)
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     bad_loss = torch.zeros((), device=device)
@@ -490,17 +600,15 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 f'(epoch {max(where, 0) // steps_per_epoch}); the run stopped and the last good checkpoint is kept: '
                 f'{ckpt_path if ckpt_path.exists() else "none written yet"}. Lower --lr / --blr, or check the data.')
 
-    for step, offset, images in batches:
+    for step, offset, images, labels in batches:
         micro_i = (offset % batches.part) // batches.micro
+        x = normalize(images)
         if micro_i == 0:
             lr = lr_at(step, total_steps, warmup, peak_lr)
             for group in opt.param_groups:
                 group['lr'] = lr
-        x = normalize(images)
-        if noise_shape is None:
-            noise_shape = tuple(model.noise_shape(x))
-        if micro_i == 0:
-            draws = step_draws(cfg, step, model, noise_shape, device)
+            objective.begin_step(step, steps_per_epoch)
+            draws = step_draws(cfg, step, objective, x)
         sl = slice(offset, offset + len(x))
         if data is not None and cfg.aug != 'center':
             x = augment(x, cfg.aug, u=draws['crop'][sl])
@@ -508,7 +616,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         ctx = net.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
         with ctx:
             with torch.autocast(**amp) if amp else contextlib.nullcontext():
-                loss = net(x, draws['t'][sl], draws['noise'][sl])
+                loss = net(x, labels, **{k: v[sl] for k, v in draws.items() if k != 'crop'})
             (loss / cfg.accum_steps).backward()
         is_bad = ~torch.isfinite(loss.detach())
         first = is_bad & ~bad
@@ -534,7 +642,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         if is_main and is_log:
             dt = time.time() - t0
             last = dict(step=step, epoch=round(step / steps_per_epoch, 3), loss=round(loss.item(), 6), lr=lr,
-                        img_per_s=round(seen / max(dt, 1e-9), 1), elapsed_s=round(dt, 1))
+                        img_per_s=round(seen / max(dt, 1e-9), 1), elapsed_s=round(dt, 1), **objective.log_record())
             log(**last)
         if is_ckpt:
             if is_main:
@@ -549,11 +657,12 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     result: Dict[str, Any] = dict(step=done, total_steps=total_steps, last=last)
     if is_main and done >= total_steps:
         log.stage('export')
-        result['weights'] = str(export_final(model if ema is None else ema.module, cfg, out, is_dae))
+        result['weights'] = str(objective.export(model if ema is None else ema.module, cfg, out))
     log.close()
     if world > 1:
         dist.barrier()
-        dist.destroy_process_group()
+        if owns_group:
+            dist.destroy_process_group()
     return result
 
 

@@ -1,12 +1,14 @@
 """Shared helpers: tiny configs, randomised weights, an error measure, a fake Hugging Face cache."""
 import os
 import shutil
+import socket
 from pathlib import Path
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')  # the suite never reaches the network
 
 import pytest
 import torch
+from PIL import Image
 
 # A tiny l-DAE: 16x16 images, 4x4 patches (D = 48), width 32, 2 + 2 blocks, d = 6.
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, latent_dim=6)
@@ -53,3 +55,44 @@ def fake_hf_cache(root: Path, repo_id: str, files: dict, commit: str = 'a' * 40)
     for name, src in files.items():
         shutil.copy(src, snap / name)
     return snap
+
+
+@pytest.fixture(scope='session')
+def folder(tmp_path_factory):
+    """Two colour classes of 16x16 images: train (20 each) and test (8 each)."""
+    root = tmp_path_factory.mktemp('imgs')
+    g = torch.Generator().manual_seed(0)
+    for split, n in (('train', 20), ('test', 8)):
+        for c in range(2):
+            d = root / split / f'class{c}'
+            d.mkdir(parents=True)
+            for i in range(n):
+                x = torch.rand(16, 16, 3, generator=g) * 90
+                x[..., 0 if c == 0 else 2] += 150
+                Image.fromarray(x.clamp(0, 255).byte().numpy()).save(d / f'{i}.png')
+    return root
+
+
+def free_port() -> int:
+    """A free local TCP port for torchrun's rendezvous."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def killer_script(command: str) -> str:
+    """``python -c`` source that runs ``ldae-models COMMAND ARGS`` and SIGKILLs itself right after the checkpoint
+    number ``$KILL_AFTER_SAVES`` is written (a hard kill, to test exact resume)."""
+    return f'''
+import os, signal, sys
+import ldae_models.train as T
+from ldae_models.cli import main
+orig, n = T.save_checkpoint, [0]
+def save_then_die(path, state):
+    orig(path, state)
+    n[0] += 1
+    if n[0] == int(os.environ["KILL_AFTER_SAVES"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+T.save_checkpoint = save_then_die
+sys.exit(main([{command!r}] + sys.argv[1:]))
+'''

@@ -1,5 +1,4 @@
 """The command line: every command in-process, errors as one line with exit status 2, torch.hub from the checkout."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from ldae_models.cli import build_parser, main
 from conftest import randomize_, rel_err, smooth_images
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ['features', 'denoise', 'demo', 'train', 'extract', 'probe', 'list', 'info', 'convert', 'export']
+COMMANDS = ['features', 'denoise', 'demo', 'train', 'distill', 'extract', 'probe', 'list', 'info', 'convert', 'export']
 
 
 @pytest.mark.parametrize('cmd', COMMANDS)

@@ -2,9 +2,7 @@
 schedule, precision, the NaN stop, the UNet objective; and the probe command on the result."""
 import dataclasses
 import json
-import math
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -13,32 +11,15 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 import ldae_models
 from ldae_models import train as T
 from ldae_models.cli import main
-from conftest import TINY, randomize_, rel_err, smooth_images
+from conftest import TINY, free_port, killer_script, randomize_, rel_err, smooth_images
 
 TINY_ARGS = json.dumps(dict(img_size=16, embed_dim=32, depth=2, num_heads=2, latent_dim=6))
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope='module')
-def folder(tmp_path_factory):
-    """Two colour classes of 16x16 images: train (20 each) and test (8 each)."""
-    root = tmp_path_factory.mktemp('imgs')
-    g = torch.Generator().manual_seed(0)
-    for split, n in (('train', 20), ('test', 8)):
-        for c in range(2):
-            d = root / split / f'class{c}'
-            d.mkdir(parents=True)
-            for i in range(n):
-                x = torch.rand(16, 16, 3, generator=g) * 90
-                x[..., 0 if c == 0 else 2] += 150
-                Image.fromarray(x.clamp(0, 255).byte().numpy()).save(d / f'{i}.png')
-    return root
 
 
 def base_args(folder, out, *extra):
@@ -137,19 +118,7 @@ def test_tokenizer_and_loss_stay_float32_under_autocast():
     assert (ref_noisy - x).abs().max() < 2.0
 
 
-_KILLER = '''
-import os, signal, sys
-import ldae_models.train as T
-from ldae_models.cli import main
-orig, n = T.save_checkpoint, [0]
-def save_then_die(path, state):
-    orig(path, state)
-    n[0] += 1
-    if n[0] == int(os.environ["KILL_AFTER_SAVES"]):
-        os.kill(os.getpid(), signal.SIGKILL)  # a hard kill, right after a checkpoint
-T.save_checkpoint = save_then_die
-sys.exit(main(['train'] + sys.argv[1:]))
-'''
+_KILLER = killer_script('train')
 
 
 @pytest.mark.parametrize('aug', ['center', 'rrc'])
@@ -174,17 +143,11 @@ def test_killed_run_resumes_to_the_uninterrupted_state(folder, tmp_path, aug):
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_one_with_the_same_global_batch(folder, tmp_path):
     one = run_script(base_args(folder, tmp_path / 'one', '--aug', 'rrc'))
     assert one.returncode == 0, one.stderr
     cmd = ['-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr', '127.0.0.1', '--master_port',
-           str(_free_port()), '-m', 'ldae_models', 'train'] + base_args(folder, tmp_path / 'two', '--aug', 'rrc')
+           str(free_port()), '-m', 'ldae_models', 'train'] + base_args(folder, tmp_path / 'two', '--aug', 'rrc')
     two = subprocess.run([sys.executable] + cmd, capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert two.returncode == 0, two.stderr[-3000:]

@@ -320,6 +320,10 @@ class DDAEUNet(FeatureExtractor, UNet):
     def blocks(self) -> List[ResAttBlock]:
         return self.decoder_blocks
 
+    @property
+    def default_layer(self) -> int:
+        return self.out_k - 1
+
     def encode_input(self, images: torch.Tensor) -> torch.Tensor:
         self.check_input(images)
         return images

@@ -55,6 +55,11 @@ class FeatureExtractor:
     def num_taps(self) -> int:
         return len(self.blocks)
 
+    @property
+    def default_layer(self) -> int:
+        """The layer the model's own protocol taps (0-based; -1: the last), e.g. DDAE's out_6 for the UNets."""
+        return -1
+
     def encode_input(self, images: torch.Tensor) -> torch.Tensor:
         return images
 

@@ -1,0 +1,102 @@
+"""RepFusion's three timestep policies side by side, with a student trained from scratch at the same budget.
+
+Each run is ``ldae_models.distill.distill`` (what ``ldae-models distill`` runs): stage 1 distils the teacher at its
+last encoder block for ``--epochs`` epochs, stage 2 trains the student on the labels for ``--task-epochs``; the
+baseline trains the same student on the labels alone for ``--epochs + --task-epochs`` epochs (the same number of
+epochs), and a second one for ``--task-epochs`` only (the same label epochs as the distilled students). Every student is then
+measured on the whole test split.
+
+    python benchmarks/bench_repfusion.py --npz data/cifar10-jpeg.npz --work runs/repfusion --train-images 10000 \\
+        --epochs 3 --task-epochs 5 --out benchmarks/results/bench_repfusion_cpu.json
+"""
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldae_models.data import load_split, normalize
+from ldae_models.distill import DistillConfig, distill
+
+
+@torch.no_grad()
+def top1(student_dir: Path, test, batch: int = 500) -> float:
+    import timm
+    model = timm.create_model(f'local-dir:{student_dir}', pretrained=True).eval()
+    correct = 0
+    for images, labels in test.batches(batch):
+        correct += (model(normalize(images)).argmax(1) == labels).sum().item()
+    return round(100.0 * correct / len(test), 2)
+
+
+def subset_npz(npz: str, n: int, out: Path, seed: int = 0) -> Path:
+    """The first ``n`` images of a seeded permutation of the train split (all of test), as an .npz."""
+    tr = load_split('npz', npz, 'train', progress=False).subset(n, seed)
+    te = load_split('npz', npz, 'test', progress=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, x_train=tr.images.permute(0, 2, 3, 1).numpy(), y_train=tr.labels.numpy(),
+             x_test=te.images.permute(0, 2, 3, 1).numpy(), y_test=te.labels.numpy())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--npz', required=True, help="CIFAR-10 as the project's .npz (cifar10-jpeg.npz)")
+    ap.add_argument('--work', default='runs/repfusion')
+    ap.add_argument('--teacher', default='ldae_vit_tiny_patch4_32.cifar10')
+    ap.add_argument('--student', default='resnet18')
+    ap.add_argument('--train-images', type=int, default=10_000)
+    ap.add_argument('--epochs', type=int, default=3, help='stage 1 (distillation) epochs')
+    ap.add_argument('--task-epochs', type=int, default=5, help='stage 2 (labels) epochs')
+    ap.add_argument('--batch-size', type=int, default=128)
+    ap.add_argument('--policies', nargs='+', default=['fixed', 'random', 'reinforce'])
+    ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--out')
+    args = ap.parse_args()
+    work = Path(args.work)
+    data = subset_npz(args.npz, args.train_images, work / 'train_subset.npz', args.seed)
+    test = load_split('npz', args.npz, 'test', progress=False)
+    base = DistillConfig(teacher=args.teacher, student=args.student, dataset='npz', data_root=str(data),
+                         epochs=args.epochs, task_epochs=args.task_epochs, batch_size=args.batch_size,
+                         warmup_epochs=1, seed=args.seed, log_every=20, ckpt_every=1000, quiet=True)
+    runs = {p: dataclasses.replace(base, policy=p, out=str(work / p)) for p in args.policies}
+    runs['scratch'] = dataclasses.replace(base, epochs=0, task_epochs=args.epochs + args.task_epochs,
+                                         out=str(work / 'scratch'))
+    # the same student on labels for only the task stage's epochs: what the distillation epochs add to it
+    runs['scratch_task_epochs'] = dataclasses.replace(base, epochs=0, task_epochs=args.task_epochs,
+                                                      out=str(work / 'scratch_task_epochs'))
+    rows = []
+    for name, cfg in runs.items():
+        done = work / name / 'row.json'   # a finished run is not run again (the whole table takes ~40 min on 2 cores)
+        if done.is_file() and json.loads(done.read_text())['config'] == dataclasses.asdict(cfg):
+            rows.append(json.loads(done.read_text())['row'])
+            print(json.dumps(rows[-1]), '(cached)', flush=True)
+            continue
+        t0 = time.time()
+        result = distill(cfg)
+        wall = round(time.time() - t0, 1)
+        row = dict(run=name, policy=cfg.policy if cfg.epochs else '(none: labels only)', distill_epochs=cfg.epochs,
+                   task_epochs=cfg.task_epochs, wall_s=wall, top1=top1(Path(result['student']), test))
+        hist = work / name / 't_histogram.json'
+        if hist.is_file():
+            h = json.loads(hist.read_text())['rows']
+            last = torch.tensor([r['t_hist'] for r in h[-5:]], dtype=torch.float32).sum(0)
+            row['t_share_last_logs'] = [round(v, 3) for v in (last / last.sum()).tolist()]
+        rows.append(row)
+        done.write_text(json.dumps(dict(config=dataclasses.asdict(cfg), row=row)))
+        print(json.dumps(row), flush=True)
+    out = dict(data='CIFAR-10 (JPEG copy)', n_train=args.train_images, n_test=len(test), teacher=args.teacher,
+               teacher_layer='last encoder block (default)', student=args.student, batch_size=args.batch_size,
+               threads=torch.get_num_threads(), rows=rows)
+    print('\n| run | policy | distill epochs | task epochs | test top-1 (%) | wall (s) |\n|---|---|---|---|---|---|')
+    for r in rows:
+        print(f"| {r['run']} | {r['policy']} | {r['distill_epochs']} | {r['task_epochs']} | {r['top1']} | {r['wall_s']} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,484 @@
+"""RepFusion: a diffusion teacher's features distilled into any timm student, the timestep chosen by a learned policy.
+
+*Diffusion Model as Representation Learner* (Yang and Wang, arXiv 2308.10916). Two stages, each a run of the zoo's
+one training loop (``train.run``: one process or torchrun, exact resume, device-resident data, bf16, seeds):
+
+1. **Distillation** (``OUT/distill``): for each image a timestep t is chosen; the teacher (any extractor of the zoo:
+   an l-DAE encoder, a DiT encoder, a DDAE UNet) gives its pooled feature at (``teacher_layer``, t) of the image noised
+   at t (``teacher_input='clean'``: the clean image with t as conditioning, as the official code calls its UNet);
+   a linear projector maps the student's pooled feature to the teacher's width; the loss is ``kd_weight * MSE``.
+   t comes from the ``policy``:
+
+   - ``fixed``: one t for every image (``t``; default the teacher's own);
+   - ``random``: uniform over the policy's grid;
+   - ``reinforce``: a small CNN on the image gives a softmax over a grid of ``t_bins`` steps (1000 in the official
+     code); it is trained by REINFORCE with the reward ``-CE`` of a task head (an MLP, trained beside it) on the
+     teacher's feature at the sampled t, a moving-average baseline, and an entropy bonus that decays linearly to 0
+     over the first ``entropy_decay`` of the stage.
+
+2. **Task** (``OUT/task``): the student fine-tuned on the labels (cross-entropy), keeping the distillation loss with
+   ``task_kd_weight`` (default 0); ``epochs=0`` skips stage 1: a student trained from scratch, the baseline.
+
+Output: ``OUT/student/``, a ``save_pretrained`` folder that plain timm loads (``local-dir:OUT/student``);
+``OUT/policy.safetensors`` (reinforce); ``OUT/t_histogram.json`` and ``.png``, the distribution of the chosen t over
+the distillation (the paper's observation: it drifts to t in 0-200).
+
+    ldae-models distill --teacher ldae_vit_tiny_patch4_32.cifar10 --student resnet18 --dataset cifar10 \\
+        --data-root ~/data --out runs/repfusion --policy reinforce --epochs 100 --task-epochs 100
+
+Where this differs from the official code: one optimiser (AdamW, warmup and cosine, the zoo's loop) for student,
+projector, policy and task head, where the official code uses SGD 0.1 with step decay for 200 epochs; the default
+teacher input is the image noised at t (``teacher_input``); the task head's loss trains only the head (the reward
+does not reach the teacher or the student).
+"""
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .models.extractor import FeatureExtractor
+from .train import Objective, RunConfig, _arg, run, setup_distributed
+
+__all__ = ['DistillConfig', 'Distillation', 'TimestepPolicy', 'MovingBaseline', 'reinforce_loss', 'distill',
+           'POLICIES']
+
+POLICIES = ('fixed', 'random', 'reinforce')
+HIST_BINS = 10  # the logged histogram of t: tenths of the teacher's range
+
+
+@dataclass
+class DistillConfig(RunConfig):
+    """A RepFusion run: the distillation stage (``epochs``) then the task stage (``task_epochs``)."""
+
+    # -- the teacher
+    teacher: str = _arg('ldae_vit_tiny_patch4_32.cifar10', 'an extractor of the zoo (NAME.TAG, local-dir:, hf-hub:)')
+    teacher_args: Dict[str, Any] = _arg(None, 'teacher constructor overrides as JSON', factory=dict)
+    teacher_layer: Optional[int] = _arg(None, "the teacher's tapped layer (0-based; default: its own default tap)")
+    teacher_input: str = _arg('noisy', "'noisy': the image noised at t by the teacher's schedule; 'clean': the clean "
+                                       "image with t as conditioning (the official code)", choices=('noisy', 'clean'))
+    # -- the student
+    student: str = _arg('resnet18', 'any timm model name')
+    student_args: Dict[str, Any] = _arg(None, 'student constructor arguments as JSON, e.g. {"img_size": 32}',
+                                        factory=dict)
+    student_layer: Optional[str] = _arg(None, "the student module whose output is distilled (pooled); default: the "
+                                              "pooled pre-logits")
+    # -- the timestep policy
+    policy: str = _arg('reinforce', "'fixed' (one t), 'random' (uniform over the grid), 'reinforce' (learned)",
+                       choices=POLICIES)
+    t: Optional[float] = _arg(None, "the fixed policy's t (default: the teacher's own t)")
+    t_bins: int = _arg(1000, "the policy's grid: this many steps evenly over the teacher's [0, T) (the official: 1000)")
+    kd_weight: float = _arg(1.0, 'weight of the feature-distillation MSE in stage 1')
+    entropy_weight: float = _arg(0.1, "the policy's entropy bonus at the start (the official: 0.1)")
+    entropy_decay: float = _arg(0.5, 'fraction of stage 1 over which the entropy bonus decays linearly to 0 '
+                                     '(the official: 100 of 200 epochs)')
+    baseline_momentum: float = _arg(0.9, "momentum of REINFORCE's moving-average reward baseline")
+    # -- the task stage
+    task_epochs: int = _arg(0, 'epochs of stage 2, the student fine-tuned on labels (0: none)')
+    task_kd_weight: float = _arg(0.0, 'keep the distillation loss in stage 2 with this weight')
+    # RunConfig defaults that differ for a supervised student
+    epochs: int = _arg(100, 'epochs of stage 1, the distillation (0: none; the student is trained from scratch)')
+    batch_size: int = _arg(128, 'global batch')
+    blr: float = _arg(2e-3, 'base lr: lr = blr * batch / 256')
+    warmup_epochs: float = _arg(5, 'linear warmup epochs of each stage, then half-cycle cosine to 0')
+    weight_decay: float = _arg(0.05, 'AdamW weight decay')
+
+
+class TimestepPolicy(nn.Module):
+    """A small CNN on the image: logits over ``bins`` timesteps (zero-initialised last layer: uniform at the start)."""
+
+    def __init__(self, bins: int, in_chans: int = 3, width: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_chans, width, 3, 2, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(width, 2 * width, 3, 2, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(2 * width, 2 * width, 3, 2, 1), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, bins))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).float()
+
+    @staticmethod
+    def sample(logits: torch.Tensor, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(index, its log-probability, the entropy) per row, the index drawn by inverting the CDF at ``u`` in [0, 1)
+        (the step's draws: the same choice on resume and on any number of processes)."""
+        logp = F.log_softmax(logits.float(), dim=-1)
+        p = logp.exp()
+        idx = (p.cumsum(-1) <= u[:, None]).sum(-1).clamp(max=logits.shape[-1] - 1)
+        return idx, logp.gather(1, idx[:, None])[:, 0], -(p * logp).sum(-1)
+
+
+def reinforce_loss(logp: torch.Tensor, entropy: torch.Tensor, reward: torch.Tensor, baseline: torch.Tensor,
+                   entropy_weight: float) -> torch.Tensor:
+    """REINFORCE with a baseline and an entropy bonus: ``-mean((r - b) log p) - beta mean(H)``."""
+    return -((reward.detach() - baseline) * logp).mean() - entropy_weight * entropy.mean()
+
+
+class MovingBaseline(nn.Module):
+    """REINFORCE's reward baseline: a moving average of the mean reward (a buffer, so checkpoints carry it)."""
+
+    def __init__(self, momentum: float) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer('value', torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, reward: torch.Tensor) -> None:
+        """Move toward the mean reward of the batch (of all processes under torchrun)."""
+        mean = reward.float().mean()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(mean)
+            mean /= torch.distributed.get_world_size()
+        self.value.mul_(self.momentum).add_((1 - self.momentum) * mean)
+
+
+def _pool(x: torch.Tensor) -> torch.Tensor:
+    """A feature vector per image: the mean over positions of a map (B, C, H, W) or tokens (B, N, C)."""
+    if x.dim() == 4:
+        return x.mean(dim=(-2, -1))
+    if x.dim() == 3:
+        return x.mean(dim=1)
+    if x.dim() == 2:
+        return x
+    raise ValueError(f'cannot pool a feature of shape {tuple(x.shape)}')
+
+
+class Distillation(Objective):
+    """One stage of RepFusion as an objective of the zoo's training loop (see the module docstring)."""
+
+    unused_parameters = True  # the student's classifier (and what follows --student-layer) gets no gradient in stage 1
+
+    def __init__(self, cfg: DistillConfig, stage: str, teacher: Optional[nn.Module], img_size: int) -> None:
+        super().__init__()
+        if stage not in ('distill', 'task'):
+            raise ValueError(f"stage must be 'distill' or 'task', got {stage!r}")
+        self.cfg, self.stage, self.img_size = cfg, stage, img_size
+        self.kd_weight = cfg.kd_weight if stage == 'distill' else cfg.task_kd_weight
+        self.ce_weight = 0.0 if stage == 'distill' else 1.0
+        self.learn_policy = stage == 'distill' and cfg.policy == 'reinforce'
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+        self.parts = nn.ModuleDict()
+        self.register_buffer('t_hist', torch.zeros(HIST_BINS, dtype=torch.long), persistent=False)
+        self.register_buffer('kd_sum', torch.zeros(2), persistent=False)  # (sum of kd losses, count) since the last log
+        self.progress = 0.0
+        self.num_classes = 0
+
+    # -- construction (after the data: the student needs the number of classes) ------------------------------------
+    def build(self, num_classes: int) -> None:
+        import timm
+        cfg = self.cfg
+        self.num_classes = num_classes
+        student = timm.create_model(cfg.student, num_classes=num_classes, **cfg.student_args)
+        self.parts['student'] = student
+        self._hooked: List[torch.Tensor] = []
+        if cfg.student_layer:
+            modules = dict(student.named_modules())
+            if cfg.student_layer not in modules:
+                near = [n for n in modules if n and cfg.student_layer.split('.')[0] in n][:8]
+                raise ValueError(f'the student {cfg.student} has no module {cfg.student_layer!r}'
+                                 + (f'; modules with that prefix: {near}' if near else '; see model.named_modules()'))
+            modules[cfg.student_layer].register_forward_hook(lambda m, i, o: self._hooked.append(o))
+        if self.kd_weight or self.learn_policy:
+            if self.teacher is None:
+                raise ValueError('this stage distils: it needs a teacher')
+            self._check_teacher()
+            tdim, sdim = self._dims()
+            self.parts['projector'] = nn.Linear(sdim, tdim)
+            if cfg.policy == 'reinforce':
+                self.parts['policy'] = TimestepPolicy(self.grid.numel())
+                if not self.learn_policy:
+                    self.parts['policy'].requires_grad_(False)
+            if self.learn_policy:
+                self.parts['task_head'] = nn.Sequential(nn.Linear(tdim, 256), nn.ReLU(inplace=True),
+                                                        nn.Linear(256, num_classes))
+                self.parts['baseline'] = MovingBaseline(cfg.baseline_momentum)
+
+    def _check_teacher(self) -> None:
+        cfg, teacher = self.cfg, self.teacher
+        if not isinstance(teacher, FeatureExtractor) or teacher.schedule is None:
+            raise ValueError(f'the teacher {cfg.teacher!r} is not a diffusion extractor of the zoo (an l-DAE, DiT or '
+                             f'DDAE UNet with a noise schedule): got {type(teacher).__name__}')
+        if teacher.fixed_t:
+            raise ValueError(f'the teacher {cfg.teacher!r} is a merged encoder (one t); RepFusion needs the '
+                             f'conditional one (merged=False)')
+        layer = teacher.default_layer if cfg.teacher_layer is None else cfg.teacher_layer
+        self.t_layer = teacher.resolve_layers(layer)[1][0]
+        T = getattr(teacher.schedule, 'num_timesteps', None)
+        if T is None:
+            raise ValueError(f'the policy picks step indices; the teacher schedule {type(teacher.schedule).__name__} '
+                             f'has none (use a step-index schedule: ddpm, linear_sigma)')
+        if cfg.policy == 'fixed':
+            t = teacher.t if cfg.t is None else cfg.t
+            self.grid = teacher.resolve_ts([t])[0] * torch.ones(1)  # checked by the teacher's schedule
+        else:
+            if not 2 <= cfg.t_bins <= T:
+                raise ValueError(f'--t-bins must be in [2, {T}] (the teacher has {T} steps), got {cfg.t_bins}')
+            self.grid = torch.linspace(0, T - 1, cfg.t_bins).round()
+        self.t_max = float(T)
+
+    @torch.no_grad()
+    def _dims(self) -> Tuple[int, int]:
+        """(teacher width, student width), from one forward pass of each on two blank images."""
+        x = torch.zeros(2, 3, self.img_size, self.img_size)
+        student = self.parts['student']
+        was = student.training
+        student.eval()
+        sdim = self.student_features(x)[0].shape[1]
+        student.train(was)
+        dev = next(self.teacher.parameters()).device
+        tdim = self.teacher_features(x.to(dev), self.grid[:1].expand(2).to(dev), None).shape[1]
+        return tdim, sdim
+
+    # -- the two networks --------------------------------------------------------------------------------------------
+    @property
+    def trained(self) -> nn.Module:
+        return self.parts
+
+    def student_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(the distilled feature, the logits) of the student."""
+        student = self.parts['student']
+        if self.cfg.student_layer:
+            self._hooked.clear()
+            logits = student(x)
+            return _pool(self._hooked[-1]), logits
+        feats = student.forward_features(x)
+        return student.forward_head(feats, pre_logits=True), student.forward_head(feats)
+
+    @torch.no_grad()
+    def teacher_features(self, images: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
+        """The teacher's pooled feature at (``teacher_layer``, t) per image (t: (B,) step indices, already checked)."""
+        teacher = self.teacher
+        x = teacher.encode_input(images)
+        if self.cfg.teacher_input == 'noisy':
+            x = teacher.noise_input(x, t, noise=noise)[0]
+        return _pool(teacher.tap(x, t, [self.t_layer])[0]).float()
+
+    # -- the loop's hooks ------------------------------------------------------------------------------------------
+    def draws(self, generator: torch.Generator, batch: int, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if 'projector' not in self.parts:
+            return {}
+        if not hasattr(self, '_noise_shape'):
+            with torch.no_grad():
+                x0 = self.teacher.encode_input(x[:1])
+                self._noise_shape = tuple(self.teacher.noise_input(x0, self.grid[:1].to(x.device))[1].shape[1:])
+        from .layers.schedules import randn
+        return dict(u=torch.rand(batch, generator=generator, device=x.device),
+                    noise=randn((batch, *self._noise_shape), generator=generator, device=x.device))
+
+    def begin_step(self, step: int, steps_per_epoch: int) -> None:
+        total = max(1, self.cfg.max_steps or self.cfg.epochs * steps_per_epoch)
+        self.progress = step / total
+
+    def choose_t(self, x: torch.Tensor, u: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor],
+                                                                   Optional[torch.Tensor]]:
+        """(t, log-prob, entropy) per image under the policy (no log-prob for fixed and random)."""
+        grid = self.grid.to(x.device)
+        if self.cfg.policy == 'fixed':
+            return grid.expand(len(x)).clone(), None, None
+        if self.cfg.policy == 'random':
+            return grid[(u * len(grid)).long().clamp(max=len(grid) - 1)], None, None
+        idx, logp, entropy = TimestepPolicy.sample(self.parts['policy'](x), u)
+        return grid[idx], logp, entropy
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, u: Optional[torch.Tensor] = None,
+                noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        feat, logits = self.student_features(images)
+        loss = images.new_zeros((), dtype=torch.float32)
+        if self.ce_weight:
+            loss = loss + self.ce_weight * F.cross_entropy(logits.float(), labels)
+        if 'projector' not in self.parts:
+            return loss
+        t, logp, entropy = self.choose_t(images, u)
+        target = self.teacher_features(images, t, noise)
+        kd = F.mse_loss(self.parts['projector'](feat).float(), target)
+        loss = loss + self.kd_weight * kd
+        with torch.no_grad():
+            self.t_hist += torch.bincount((t / self.t_max * HIST_BINS).long().clamp(0, HIST_BINS - 1),
+                                          minlength=HIST_BINS)
+            self.kd_sum += torch.stack([kd.detach(), torch.ones_like(kd)])
+        if self.learn_policy:
+            ce = F.cross_entropy(self.parts['task_head'](target), labels, reduction='none')
+            reward = -ce.detach()
+            beta = self.cfg.entropy_weight * max(0.0, 1.0 - self.progress / max(self.cfg.entropy_decay, 1e-9))
+            baseline = self.parts['baseline']
+            loss = loss + ce.mean() + reinforce_loss(logp, entropy, reward, baseline.value, beta)
+            baseline.update(reward)
+        return loss
+
+    def log_record(self) -> Dict[str, Any]:
+        """The mean distillation loss and the counts of the chosen t since the last log (under torchrun: process 0's
+        share of the batch, a sample of the whole)."""
+        if 'projector' not in self.parts:
+            return {}
+        counts = self.t_hist.tolist()
+        kd = (self.kd_sum[0] / self.kd_sum[1].clamp(min=1)).item()
+        self.t_hist.zero_()
+        self.kd_sum.zero_()
+        rec = dict(kd=round(kd, 6), t_hist=counts)
+        if self.learn_policy:
+            rec['baseline'] = round(self.parts['baseline'].value.item(), 4)
+        return rec
+
+    def export(self, trained: nn.Module, cfg: RunConfig, out: Path) -> Path:
+        from safetensors.torch import save_file
+        path = out / 'model.safetensors'
+        save_file({k: v.detach().cpu().contiguous() for k, v in trained.state_dict().items()}, str(path),
+                  metadata={'format': 'pt', 'stage': self.stage, 'student': self.cfg.student,
+                            'num_classes': str(self.num_classes), 'img_size': str(self.img_size)})
+        return path
+
+
+def _img_size(cfg: DistillConfig, teacher: Optional[nn.Module]) -> int:
+    """The image side of a run: the teacher's input size (the student gets the same images)."""
+    if teacher is not None:
+        cfg_ = getattr(teacher, 'pretrained_cfg', None) or {}
+        if cfg_.get('input_size'):
+            return int(cfg_['input_size'][-1])
+    if 'img_size' in cfg.student_args:
+        s = cfg.student_args['img_size']
+        return int(s if isinstance(s, int) else s[-1])
+    from .models import pretrained_cfg_for
+    return int(pretrained_cfg_for(cfg.teacher)['input_size'][-1])
+
+
+def load_teacher(cfg: DistillConfig) -> nn.Module:
+    """The conditional teacher a config names, in eval mode."""
+    from .models import load_model
+    kwargs = dict(cfg.teacher_args)
+    name = cfg.teacher
+    if name.split(':')[-1].split('.')[0].startswith('ldae_vit') or name.startswith(('local-dir:', 'hf-hub:')):
+        kwargs.setdefault('merged', False)
+    try:
+        teacher = load_model(name, **kwargs)
+    except TypeError:  # a family without a merged form (the UNets)
+        kwargs.pop('merged', None)
+        teacher = load_model(name, **kwargs)
+    return teacher.eval()
+
+
+def distill(cfg: DistillConfig) -> Dict[str, Any]:
+    """Run both stages (each resumable), then write ``OUT/student``, the policy and the t histogram."""
+    if not cfg.out:
+        raise ValueError('--out is required')
+    if cfg.epochs < 0 or cfg.task_epochs < 0 or cfg.epochs + cfg.task_epochs == 0:
+        raise ValueError('nothing to run: give --epochs (distillation) and/or --task-epochs (the task)')
+    if cfg.max_steps:
+        raise ValueError('distill runs whole epochs: --max-steps is not available (use --epochs, --task-epochs)')
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world > 1 and not torch.distributed.is_initialized():  # one process group for both stages
+        setup_distributed(cfg.device)
+        try:
+            result = distill(cfg)
+            torch.distributed.barrier()  # process 0 has written the student and the policy
+            return result
+        finally:
+            torch.distributed.destroy_process_group()
+    out = Path(cfg.out)
+    is_main = int(os.environ.get('RANK', '0')) == 0  # under torchrun, process 0 writes the files of the whole run
+    need_teacher = cfg.epochs > 0 or cfg.task_kd_weight > 0
+    teacher = load_teacher(cfg) if need_teacher else None
+    img_size = _img_size(cfg, teacher)
+    result: Dict[str, Any] = {}
+    stage1 = None
+    if cfg.epochs > 0:
+        stage1 = out / 'distill'
+        c1 = dataclasses.replace(cfg, out=str(stage1))
+        result['distill'] = run(c1, lambda: _Staged(cfg, 'distill', teacher, img_size, None))
+        if is_main:
+            _write_histogram(stage1 / 'log.jsonl', out, cfg)
+    last = out / 'distill'
+    if cfg.task_epochs > 0:
+        last = out / 'task'
+        c2 = dataclasses.replace(cfg, out=str(last), epochs=cfg.task_epochs)
+        result['task'] = run(c2, lambda: _Staged(cfg, 'task', teacher, img_size, stage1))
+    final = last / 'model.safetensors'
+    if is_main and final.is_file():
+        result['student'] = str(_export_student(cfg, final, out))
+        if cfg.policy == 'reinforce' and stage1 is not None:
+            from safetensors.torch import load_file, save_file
+            state = load_file(str(stage1 / 'model.safetensors'))
+            save_file({k.split('policy.', 1)[1]: v for k, v in state.items() if k.startswith('policy.')},
+                      str(out / 'policy.safetensors'), metadata={'format': 'pt', 't_bins': str(cfg.t_bins)})
+            result['policy'] = str(out / 'policy.safetensors')
+    return result
+
+
+class _Staged(Distillation):
+    """A stage whose parts start from the previous stage's weights (where they exist)."""
+
+    def __init__(self, cfg: DistillConfig, stage: str, teacher: Optional[nn.Module], img_size: int,
+                 previous: Optional[Path]) -> None:
+        super().__init__(cfg, stage, teacher, img_size)
+        self.previous = previous
+
+    def build(self, num_classes: int) -> None:
+        super().build(num_classes)
+        if self.previous is not None:
+            from safetensors.torch import load_file
+            state = load_file(str(self.previous / 'model.safetensors'))
+            mine = self.parts.state_dict()
+            keep = {k: v for k, v in state.items() if k in mine and mine[k].shape == v.shape}
+            self.parts.load_state_dict(keep, strict=False)
+
+
+def _export_student(cfg: DistillConfig, weights: Path, out: Path) -> Path:
+    """``OUT/student``: the student alone, as a ``save_pretrained`` folder plain timm loads."""
+    import timm
+    from safetensors.torch import load_file
+    from .hub.publish import save_pretrained
+    from safetensors import safe_open
+    with safe_open(str(weights), 'pt') as f:
+        f_meta = f.metadata()
+    num_classes = int(f_meta['num_classes'])
+    state = {k.split('student.', 1)[1]: v for k, v in load_file(str(weights)).items() if k.startswith('student.')}
+    student = timm.create_model(cfg.student, num_classes=num_classes, **cfg.student_args)
+    student.load_state_dict(state)
+    size = int(f_meta['img_size'])
+    # the data config of what it was trained on: images in [-1, 1] at the teacher's size, no crop
+    student.pretrained_cfg = {k: v for k, v in dict(student.pretrained_cfg).items() if not k.startswith('test_')}
+    student.pretrained_cfg.update(input_size=(3, size, size), mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0)
+    return save_pretrained(student, out / 'student', architecture=cfg.student,
+                           model_args=dict(cfg.student_args, num_classes=num_classes),
+                           model_card=dict(description=f'{cfg.student} distilled from {cfg.teacher} by RepFusion '
+                                                       f'(ldae-models distill, policy {cfg.policy}).',
+                                           training={k: v for k, v in dataclasses.asdict(cfg).items()
+                                                     if k not in ('data_root', 'out')}))
+
+
+def _write_histogram(log_path: Path, out: Path, cfg: DistillConfig) -> None:
+    """``OUT/t_histogram.json`` (per log step: the counts of the chosen t in tenths of the range) and a plot."""
+    if not log_path.is_file():
+        return
+    rows = [json.loads(x) for x in log_path.read_text().splitlines()]
+    rows = [dict(step=r['step'], epoch=r['epoch'], t_hist=r['t_hist']) for r in rows if 't_hist' in r]
+    (out / 't_histogram.json').write_text(json.dumps(dict(policy=cfg.policy, bins=HIST_BINS, rows=rows), indent=1))
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    if not rows:
+        return
+    counts = torch.tensor([r['t_hist'] for r in rows], dtype=torch.float32)
+    frac = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    im = ax.imshow(frac.T.numpy(), aspect='auto', origin='lower', cmap='viridis',
+                   extent=(rows[0]['epoch'], rows[-1]['epoch'], 0, 1))
+    ax.set_xlabel('epoch of the distillation')
+    ax.set_ylabel('t / T (tenths)')
+    ax.set_title(f'RepFusion: share of the chosen t ({cfg.policy} policy)')
+    fig.colorbar(im, ax=ax, label='share of the images')
+    fig.tight_layout()
+    fig.savefig(out / 't_histogram.png', dpi=110)
+    plt.close(fig)
