@@ -474,7 +474,7 @@ def _write_histogram(log_path: Path, out: Path, cfg: DistillConfig) -> None:
     frac = counts / counts.sum(1, keepdim=True).clamp(min=1)
     fig, ax = plt.subplots(figsize=(7, 3.2))
     im = ax.imshow(frac.T.numpy(), aspect='auto', origin='lower', cmap='viridis',
-                   extent=(rows[0]['epoch'], rows[-1]['epoch'], 0, 1))
+                   extent=(0, rows[-1]['epoch'], 0, 1))  # each column: the log interval that ends at its epoch
     ax.set_xlabel('epoch of the distillation')
     ax.set_ylabel('t / T (tenths)')
     ax.set_title(f'RepFusion: share of the chosen t ({cfg.policy} policy)')
