@@ -3,7 +3,9 @@
 Each run is ``ldae_models.distill.distill`` (what ``ldae-models distill`` runs): stage 1 distils the teacher at its
 last encoder block for ``--epochs`` epochs, stage 2 trains the student on the labels for ``--task-epochs``; the
 baseline trains the same student on the labels alone for ``--epochs + --task-epochs`` epochs (the same number of
-epochs), and a second one for ``--task-epochs`` only (the same label epochs as the distilled students). Every student is then
+epochs), and a second one for ``--task-epochs`` only (the same label epochs as the distilled students). Beside
+them, on the same splits, linear probes of the floors (a random student of the same shape, the raw pixels) and of
+the teacher at its own tap. A finished run is not run again (``WORK/RUN/row.json``, keyed by its config). Every student is then
 measured on the whole test split.
 
     python benchmarks/bench_repfusion.py --npz data/cifar10-jpeg.npz --work runs/repfusion --train-images 10000 \\
@@ -30,6 +32,24 @@ def top1(student_dir: Path, test, batch: int = 500) -> float:
     for images, labels in test.batches(batch):
         correct += (model(normalize(images)).argmax(1) == labels).sum().item()
     return round(100.0 * correct / len(test), 2)
+
+
+def linear_floors(student: str, teacher: str, train, test) -> dict:
+    """Linear probes (L-BFGS on standardised pooled features) on the same splits: a randomly initialised student,
+    the raw pixels (the floors), and the teacher at its own tap (what the students are asked to match)."""
+    import timm
+    from ldae_models.features import dataset_features
+    from ldae_models.probe import floors, probe_features
+    model = timm.create_model(student, num_classes=10)
+    model.pretrained_cfg = dict(model.pretrained_cfg, mean=(0.5,) * 3, std=(0.5,) * 3)  # as the students were fed
+    out = floors(model, train, test, knn=False)
+    t = timm.create_model(teacher, pretrained=True).eval()
+    kw = dict(progress=False)
+    ftr = dataset_features(t, train, **kw)
+    fte = dataset_features(t, test, **kw)
+    (key, cell), = probe_features(ftr, train.labels, fte, test.labels).items()
+    out['teacher'] = dict(cell, layer=key[0], t=key[1])
+    return {k: dict(v, top1=round(v['top1'], 2)) for k, v in out.items()}
 
 
 def subset_npz(npz: str, n: int, out: Path, seed: int = 0) -> Path:
@@ -88,12 +108,16 @@ def main() -> None:
         rows.append(row)
         done.write_text(json.dumps(dict(config=dataclasses.asdict(cfg), row=row)))
         print(json.dumps(row), flush=True)
+    probes = linear_floors(args.student, args.teacher, load_split('npz', str(data), 'train', progress=False), test)
     out = dict(data='CIFAR-10 (JPEG copy)', n_train=args.train_images, n_test=len(test), teacher=args.teacher,
                teacher_layer='last encoder block (default)', student=args.student, batch_size=args.batch_size,
-               threads=torch.get_num_threads(), rows=rows)
+               threads=torch.get_num_threads(), rows=rows, linear_probes=probes)
     print('\n| run | policy | distill epochs | task epochs | test top-1 (%) | wall (s) |\n|---|---|---|---|---|---|')
     for r in rows:
         print(f"| {r['run']} | {r['policy']} | {r['distill_epochs']} | {r['task_epochs']} | {r['top1']} | {r['wall_s']} |")
+    print('\nlinear probes on the same splits (L-BFGS, standardised pooled features):')
+    for name, cell in probes.items():
+        print(f"  {name}: {cell['top1']}%")
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2))
 

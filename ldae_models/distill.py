@@ -33,7 +33,6 @@ does not reach the teacher or the student).
 """
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -43,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .models.extractor import FeatureExtractor
-from .train import Objective, RunConfig, _arg, run, setup_distributed
+from .train import Objective, RunConfig, _arg, process_group, run
 
 __all__ = ['DistillConfig', 'Distillation', 'TimestepPolicy', 'MovingBaseline', 'reinforce_loss', 'distill',
            'POLICIES']
@@ -374,17 +373,13 @@ def distill(cfg: DistillConfig) -> Dict[str, Any]:
         raise ValueError('nothing to run: give --epochs (distillation) and/or --task-epochs (the task)')
     if cfg.max_steps:
         raise ValueError('distill runs whole epochs: --max-steps is not available (use --epochs, --task-epochs)')
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    if world > 1 and not torch.distributed.is_initialized():  # one process group for both stages
-        setup_distributed(cfg.device)
-        try:
-            result = distill(cfg)
-            torch.distributed.barrier()  # process 0 has written the student and the policy
-            return result
-        finally:
-            torch.distributed.destroy_process_group()
+    with process_group(cfg.device) as (rank, _, _):  # one process group for both stages under torchrun
+        return _distill(cfg, is_main=rank == 0)
+
+
+def _distill(cfg: DistillConfig, is_main: bool) -> Dict[str, Any]:
+    """The two stages and the files; process 0 (``is_main``) writes the files of the whole run."""
     out = Path(cfg.out)
-    is_main = int(os.environ.get('RANK', '0')) == 0  # under torchrun, process 0 writes the files of the whole run
     need_teacher = cfg.epochs > 0 or cfg.task_kd_weight > 0
     teacher = load_teacher(cfg) if need_teacher else None
     img_size = _img_size(cfg, teacher)

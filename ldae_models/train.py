@@ -47,7 +47,7 @@ import torch.nn as nn
 from .data import DATASETS, ImageData, augment, load_split, normalize
 from .layers.schedules import randn
 
-__all__ = ['RunConfig', 'TrainConfig', 'Objective', 'DenoisingObjective', 'run', 'train', 'build_model', 'lr_at',
+__all__ = ['RunConfig', 'TrainConfig', 'Objective', 'DenoisingObjective', 'run', 'train', 'process_group', 'build_model', 'lr_at',
            'CKPT_NAME', 'cpu_has_native_bf16', 'step_seed']
 
 CKPT_NAME = 'ckpt_last.pth'
@@ -403,6 +403,22 @@ def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[Tuple[int, int, torch.device]]:
+    """(rank, world, device) of this process. Under torchrun the process group is created on entry unless a caller
+    already holds one (RepFusion holds one for both of its stages), and destroyed on leaving only by whoever created
+    it; a normal exit waits for every process (process 0 may still be writing files)."""
+    creates = int(os.environ.get('WORLD_SIZE', '1')) > 1 and not dist.is_initialized()
+    rank, world, dev = setup_distributed(device)
+    try:
+        yield rank, world, dev
+        if world > 1:
+            dist.barrier()
+    finally:
+        if creates:
+            dist.destroy_process_group()
+
+
 def setup_distributed(device: str) -> Tuple[int, int, torch.device]:
     world = int(os.environ.get('WORLD_SIZE', '1'))
     use_cuda = torch.cuda.is_available() and device in ('auto', 'cuda')
@@ -410,7 +426,7 @@ def setup_distributed(device: str) -> Tuple[int, int, torch.device]:
         raise ValueError('--device cuda: no CUDA device is available')
     rank, local = 0, 0
     if world > 1:
-        if not dist.is_initialized():  # a caller that runs several stages (distill) holds one group for all of them
+        if not dist.is_initialized():
             dist.init_process_group('nccl' if use_cuda else 'gloo')
         rank, local = dist.get_rank(), int(os.environ.get('LOCAL_RANK', '0'))
     if use_cuda:
@@ -525,8 +541,12 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 def run(cfg: RunConfig, make_objective: Callable[[], Objective]) -> Dict[str, Any]:
     """The training loop every run of the zoo shares: one process or torchrun, exact resume, device-resident data,
     counter-based draws, no per-step host sync, bf16 autocast, EMA, atomic checkpoints, a log line per stage."""
-    owns_group = not (dist.is_available() and dist.is_initialized())
-    rank, world, device = setup_distributed(cfg.device)
+    with process_group(cfg.device) as (rank, world, device):
+        return _run(cfg, make_objective, rank, world, device)
+
+
+def _run(cfg: RunConfig, make_objective: Callable[[], Objective], rank: int, world: int, device: torch.device
+         ) -> Dict[str, Any]:
     is_main = rank == 0
     if not cfg.out:
         raise ValueError('--out is required')
@@ -659,10 +679,6 @@ def run(cfg: RunConfig, make_objective: Callable[[], Objective]) -> Dict[str, An
         log.stage('export')
         result['weights'] = str(objective.export(model if ema is None else ema.module, cfg, out))
     log.close()
-    if world > 1:
-        dist.barrier()
-        if owns_group:
-            dist.destroy_process_group()
     return result
 
 
