@@ -436,8 +436,9 @@ def setup_distributed(device: str) -> Tuple[int, int, torch.device]:
 
 
 def resolve_amp(mode: str, device: torch.device) -> Optional[Dict[str, Any]]:
-    """The autocast arguments of ``mode`` on ``device``; bf16 on a CPU without native bf16 falls back to float32 with a
-    warning (it measured 12x slower than float32 on such a CPU)."""
+    """The autocast arguments of ``mode`` on ``device``. ``auto``: bf16 on a GPU and on a CPU with native bf16
+    (AVX512-BF16 or AMX), float32 elsewhere; ``bf16``: bf16 wherever asked (on a CPU without native bf16 it is correct
+    but many times slower: 12x measured, so a warning says so); ``off``: float32."""
     if mode == 'off':
         return None
     if device.type == 'cuda':
@@ -445,9 +446,71 @@ def resolve_amp(mode: str, device: torch.device) -> Optional[Dict[str, Any]]:
     if cpu_has_native_bf16():
         return dict(device_type='cpu', dtype=torch.bfloat16)
     if mode == 'bf16':
-        warnings.warn('--amp bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 autocast runs many '
-                      'times slower than float32; training in float32 instead', stacklevel=2)
+        warnings.warn('--amp bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); bf16 autocast is emulated and '
+                      'runs many times slower than float32 (--amp auto picks float32 here)', stacklevel=2)
+        return dict(device_type='cpu', dtype=torch.bfloat16)
     return None
+
+
+def _set_cpu_autocast(enabled: bool) -> None:
+    if hasattr(torch, 'get_autocast_dtype'):  # torch >= 2.4: the device-type API
+        torch.set_autocast_enabled('cpu', enabled)
+    else:  # torch < 2.4
+        torch.set_autocast_cpu_enabled(enabled)
+
+
+def _cpu_autocast_enabled() -> bool:
+    return torch.is_autocast_enabled('cpu') if hasattr(torch, 'get_autocast_dtype') else torch.is_autocast_cpu_enabled()
+
+
+class Float32DegenerateConvs:
+    """Run, under CPU bf16 autocast, every convolution whose input is smaller than its stride in float32.
+
+    The cause it works around: oneDNN's bf16 weight-gradient kernel (PyTorch 2.14's CPU convolution) leaves the taps
+    of the weight gradient that see only padding unwritten when an input side is smaller than the stride (a 3x3,
+    stride-2 convolution on a 1x1 map: timm's ImageNet-stem ResNets on 16-32 px images, whose last stage is 1x1).
+    Those entries hold whatever the allocator had (1e29 was seen): training is then neither reproducible nor right.
+    float32 (and bf16 on larger maps) computes them correctly. The guard costs a shape check per convolution call;
+    the convolutions it moves to float32 are the ones on 1x1 maps, the cheapest of the network. ``found`` names them.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.found: List[str] = []
+        self._handles = []
+        for name, m in module.named_modules():
+            if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
+                self._handles.append(m.register_forward_pre_hook(
+                    lambda mod, args, _name=name: self._before(_name, mod, args)))
+                self._handles.append(m.register_forward_hook(self._after))
+
+    @staticmethod
+    def degenerate(conv: nn.Module, x: torch.Tensor) -> bool:
+        """Whether an input side is smaller than the convolution's stride while it pads."""
+        stride = conv.stride
+        pads = conv.padding != 'valid' and (isinstance(conv.padding, str) or any(p > 0 for p in conv.padding))
+        return bool(pads) and any(n < s for n, s in zip(x.shape[-len(stride):], stride))
+
+    def _before(self, name: str, conv: nn.Module, args: Tuple[Any, ...]) -> Optional[Tuple[Any, ...]]:
+        x = args[0]
+        if not (_cpu_autocast_enabled() and torch.is_tensor(x) and self.degenerate(conv, x)):
+            return None
+        if name not in self.found:
+            self.found.append(name)
+            warnings.warn(f'{name or type(conv).__name__}: a stride-{tuple(conv.stride)} convolution on a '
+                          f'{tuple(x.shape[2:])} input runs in float32 under CPU bf16 autocast (oneDNN leaves part of '
+                          f'its bf16 weight gradient unwritten on inputs smaller than the stride)', stacklevel=2)
+        conv._ldae_float32 = True
+        _set_cpu_autocast(False)
+        return (x.float(), *args[1:])
+
+    @staticmethod
+    def _after(conv: nn.Module, args: Tuple[Any, ...], out: Any) -> None:
+        if conv.__dict__.pop('_ldae_float32', False):
+            _set_cpu_autocast(True)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
 
 
 class Log:
@@ -600,6 +663,8 @@ def _run(cfg: RunConfig, make_objective: Callable[[], Objective], rank: int, wor
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == 'cuda' else None,
                                                   find_unused_parameters=objective.unused_parameters)
     amp = resolve_amp(cfg.amp, device)
+    if amp and device.type == 'cpu':
+        Float32DegenerateConvs(objective)
     batches = Batches(cfg, n, world, rank, start_step, total_steps, data, folder, device)
     bad = torch.zeros((), dtype=torch.bool, device=device)
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
