@@ -378,54 +378,61 @@ def _feature_meta(args: argparse.Namespace, model: torch.nn.Module) -> Dict[str,
                 max_test=args.max_test, t_default=getattr(model, 't', None))
 
 
-def _features_for(args: argparse.Namespace, model: torch.nn.Module, layers: Any, ts: Any, device: torch.device,
+def _features_for(args: argparse.Namespace, model: torch.nn.Module, cells: List[Any], device: torch.device,
                   cache: Optional[str] = None):
-    """Features of both splits at (layers, ts): from ``cache`` when it holds exactly these, else extracted (and
-    written to ``cache``)."""
-    from .features import dataset_features, load_feature_shards, save_feature_shards
+    """Features of both splits at the (layer, t) ``cells`` (``features.feature_cells``): the cells ``cache`` holds are
+    read, the others extracted and added to it."""
+    from .features import cached_features, dataset_features
     meta = _feature_meta(args, model)
-    if cache and (Path(cache) / 'train' / 'index.json').is_file():
-        ftr, ytr, itr = load_feature_shards(Path(cache) / 'train')
-        fte, yte, _ = load_feature_shards(Path(cache) / 'test')
-        if {k: itr.get(k) for k in meta} != json.loads(json.dumps(meta)):
-            raise ValueError(f'{cache} holds features of another setting ({itr.get("model")}, '
-                             f'{itr.get("checkpoint")}): use another --features folder, or delete it')
-        keys = [(layer, t) for layer in layers for t in ts]
-        missing = [k for k in keys if k not in ftr]
-        if not missing:
-            _stage(f'features read from {cache}')
-            return {k: ftr[k] for k in keys}, ytr, {k: fte[k] for k in keys}, yte
-        _stage(f'{cache} lacks {missing[:3]}: extracting again')
-    train, test = _splits(args, _img_size(model), device)
-    kw = dict(layers=layers, ts=ts, noisy_input=args.noisy_input, batch_size=args.batch_size_features, device=device)
-    _stage(f'extracting features of {len(train):,} train and {len(test):,} test images on {device}')
-    t0 = time.time()
-    ftr = dataset_features(model, train, seed=args.seed, desc='train features', **kw)
-    fte = dataset_features(model, test, seed=args.seed + 1, desc='test features', **kw)
-    args._extract_s = time.time() - t0
-    if cache:
-        save_feature_shards(ftr, train.labels, Path(cache) / 'train', dict(meta, split='train'))
-        save_feature_shards(fte, test.labels, Path(cache) / 'test', dict(meta, split='test'))
-        _stage(f'features written to {cache}')
-    return ftr, train.labels.cpu(), fte, test.labels.cpu()
+    kw = dict(noisy_input=args.noisy_input, batch_size=args.batch_size_features, device=device)
+    timing = {}
+
+    def extractor(split: str):
+        def extract(layers: List[int], ts: List[Any]):
+            data = _splits(args, _img_size(model), device)[split == 'test']
+            _stage(f'extracting features of {len(data):,} {split} images at blocks {layers}, t {ts} on {device}')
+            t0 = time.time()
+            feats = dataset_features(model, data, layers=layers, ts=ts, seed=args.seed + (split == 'test'),
+                                     desc=f'{split} features', **kw)
+            timing[split] = time.time() - t0
+            return feats, data.labels.cpu()
+        return extract
+
+    ftr, ytr = cached_features(cache and Path(cache) / 'train', dict(meta, split='train'), cells, extractor('train'),
+                               log=_stage)
+    fte, yte = cached_features(cache and Path(cache) / 'test', dict(meta, split='test'), cells, extractor('test'),
+                               log=_stage)
+    return ftr, ytr, fte, yte, sum(timing.values())
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from .features import dataset_features, save_feature_shards
+    from .data import split_exists
+    from .features import cached_features, dataset_features, feature_cells
     device = _device(args.device)
     model = _model(args, merged=False).to(device)
-    from .data import load_split
+    cells = feature_cells(model, args.layers or [-1], args.ts)  # checked before any data is read
+    for split in args.splits:  # every split is there before anything is written
+        if not split_exists(args.dataset, args.data_root, split):
+            raise ValueError(f'{args.data_root} has no {split} split (an ImageFolder needs ROOT/{split}'
+                             f'{"/ or ROOT/val" if split == "test" else "/"}); choose --splits')
     meta = _feature_meta(args, model)
+    from .data import load_split
     for split in args.splits:
-        _stage(f'decoding the {split} split of {args.data_root}')
-        data = load_split(args.dataset, args.data_root, split, _img_size(model), download=args.download)
-        data = data.subset(args.max_train if split == 'train' else args.max_test, args.seed + (split != 'train'))
-        feats = dataset_features(model, data.to(device), layers=args.layers or [-1], ts=args.ts,
-                                 noisy_input=args.noisy_input, batch_size=args.batch_size_features, device=device,
-                                 seed=args.seed + (split != 'train'), desc=f'{split} features')
-        out = save_feature_shards(feats, data.labels.cpu(), Path(args.out) / split, dict(meta, split=split),
-                                  shard_size=args.shard_size)
-        print(f'wrote {out}: {len(data):,} images x {len(feats)} (layer, t) cells')
+        seed = args.seed + (split != 'train')
+
+        def extract(layers: List[int], ts: List[Any], split: str = split, seed: int = seed):
+            _stage(f'decoding the {split} split of {args.data_root}')
+            data = load_split(args.dataset, args.data_root, split, _img_size(model), download=args.download)
+            data = data.subset(args.max_train if split == 'train' else args.max_test, seed)
+            feats = dataset_features(model, data.to(device), layers=layers, ts=ts, noisy_input=args.noisy_input,
+                                     batch_size=args.batch_size_features, device=device, seed=seed,
+                                     desc=f'{split} features')
+            return feats, data.labels.cpu()
+
+        out = Path(args.out) / split
+        feats, labels = cached_features(out, dict(meta, split=split), cells, extract, log=_stage,
+                                        shard_size=args.shard_size)
+        print(f'{out}: {len(labels):,} images x {len(feats)} (block, t) cells')
     return 0
 
 
@@ -433,34 +440,36 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from .probe import grid_to_json, mae_linear_probe, plot_grid, probe_features, write_json
     device = _device(args.device)
     model = _model(args, merged=False, **({} if args.t is None else {'t': args.t})).to(device)
+    from .features import feature_cells
+    # the cells, checked against the model before any data is read
+    layers = args.layers or ([-1] if args.mode != 'grid' else list(range(model.num_taps)))
+    cells = feature_cells(model, layers[:1] if args.mode == 'mae' else layers, [args.t] if args.mode == 'mae' else args.ts)
     result: Dict[str, Any] = dict(model=args.model, checkpoint=args.checkpoint, mode=args.mode, dataset=args.dataset,
                                   noisy_input=args.noisy_input, device=str(device))
     if args.mode == 'mae':
         train, test = _splits(args, _img_size(model), device)
         _stage(f"MAE's linear probe: {args.epochs} epochs, batch {args.batch_size}")
-        r = mae_linear_probe(model, train, test, layer=(args.layers or [-1])[0], t=args.t, noisy_input=args.noisy_input,
+        r = mae_linear_probe(model, train, test, layer=cells[0][0], t=args.t, noisy_input=args.noisy_input,
                              epochs=args.epochs, warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
                              micro_batch=args.micro_batch, blr=args.blr, device=device, seed=args.seed, progress=True)
         result.update(r, n_train=len(train), n_test=len(test))
         print(f"{args.model} (mae): top-1 {r['top1']:.2f}%")
     else:
-        layers = args.layers or ([-1] if args.mode == 'fast' else list(range(model.num_taps)))
-        ts = args.ts or [model.t]
-        ftr, ytr, fte, yte = _features_for(args, model, layers, ts, device, cache=args.features)
-        result.update(n_train=len(ytr), n_test=len(yte), extract_s=round(getattr(args, '_extract_s', 0.0), 1))
+        ftr, ytr, fte, yte, extract_s = _features_for(args, model, cells, device, cache=args.features)
+        result.update(n_train=len(ytr), n_test=len(yte), extract_s=round(extract_s, 3))
         pk = dict(solver=args.solver, weight_decay=args.weight_decay, epochs=args.epochs, lr=args.lr, device=device,
                   seed=args.seed)
-        _stage(f'probing {len(ftr)} (layer, t) cells ({args.solver})')
+        _stage(f'probing {len(ftr)} (block, t) cells ({args.solver})')
         rows = probe_features(ftr, ytr, fte, yte, knn=args.knn, check_lbfgs=args.check_lbfgs, **pk)
         result['grid'] = grid_to_json(rows)
         best_key = max(rows, key=lambda k: rows[k]['top1'])
         result.update(top1=rows[best_key]['top1'], best_layer=best_key[0], best_t=best_key[1])
         for (layer, t), r in rows.items():
-            print(f'{args.model}: layer {layer} t {t:g}: linear top-1 {r["top1"]:.2f}%' +
+            print(f'{args.model}: block {layer} t {t:g}: linear top-1 {r["top1"]:.2f}%' +
                   (f', kNN {r["knn_top1"]:.2f}%' if 'knn_top1' in r else '') +
                   (f' (L-BFGS {r["lbfgs_top1"]:.2f}%)' if 'lbfgs_top1' in r else ''))
         if args.floors:
-            result['floors'] = _floors(args, model, device, pk, layers[-1])
+            result['floors'] = _floors(args, model, device, pk, cells[-1][0])
         if args.mode == 'grid' and args.plot:
             plot_grid({k: v['top1'] for k, v in rows.items()}, args.plot, title=f'{args.model}: linear probe top-1 (%)')
             print(f'wrote {args.plot}')

@@ -32,7 +32,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ['ImageData', 'DATASETS', 'load_split', 'normalize', 'augment', 'CIFAR10_FILES']
+__all__ = ['ImageData', 'DATASETS', 'load_split', 'split_exists', 'normalize', 'augment', 'open_rgb', 'CIFAR10_FILES']
 
 DATASETS = ('folder', 'cifar10', 'npz')
 # torchvision's CIFAR-10 python release: the files and their md5 (the same list torchvision checks)
@@ -141,12 +141,30 @@ def _decode(sources: List[Union[bytes, str]], size: Optional[int], desc: str, pr
     from PIL import Image
     out = []
     with _progress(len(sources), desc, progress) as bar:
-        for src in sources:
-            with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-                img = torch.from_numpy(np.asarray(im.convert('RGB')).copy()).permute(2, 0, 1)
+        for i, src in enumerate(sources):
+            try:
+                with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+                    img = torch.from_numpy(np.asarray(im.convert('RGB')).copy()).permute(2, 0, 1)
+            except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated, unidentified, corrupt
+                raise ValueError(f'{describe_source(src, i, desc)}: cannot decode the image ({e})') from None
             out.append(_resize_crop(img, size))
             bar.update(1)
     return torch.stack(out)
+
+
+def describe_source(src: Union[bytes, str], index: int, desc: str) -> str:
+    """How an error names an image: its path, or its index in an array of encoded images."""
+    return str(src) if not isinstance(src, bytes) else f'image {index} of {desc.replace("decoding ", "")}'
+
+
+def open_rgb(path: str):
+    """A PIL RGB image of a file, or a ``ValueError`` that names the file (truncated, not an image, unreadable)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.convert('RGB')
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f'{path}: cannot decode the image ({e})') from None
 
 
 def _npz_split(path: Path, split: str, size: Optional[int], progress: bool) -> ImageData:
@@ -242,6 +260,24 @@ def _folder_split(root: Path, split: str, size: Optional[int], progress: bool) -
         raise FileNotFoundError(f'no images under {folder.root}')
     images = _decode([p for p, _ in folder.samples], size, f'decoding {folder.root}', progress)
     return ImageData(images, torch.tensor(folder.targets, dtype=torch.int64), folder.classes)
+
+
+def split_exists(dataset: str, root: Union[str, Path], split: str) -> bool:
+    """Whether a data set has a split, without decoding it (torchvision's CIFAR-10 always has both)."""
+    root = Path(root)
+    if dataset == 'folder':
+        try:
+            _folder_root(root, split)
+        except FileNotFoundError:
+            return False
+        return True
+    if dataset == 'npz':
+        if not root.is_file():
+            raise FileNotFoundError(f'--data-root {root}: no such .npz file')
+        import numpy as np
+        with np.load(root, allow_pickle=False) as d:
+            return f'y_{split}' in d.files
+    return True
 
 
 def load_split(dataset: str, root: Union[str, Path], split: str = 'train', img_size: Optional[int] = None,

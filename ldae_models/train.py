@@ -313,11 +313,13 @@ class _SeededFolder(torch.utils.data.Dataset):
         return len(self.folder)
 
     def __getitem__(self, key: Tuple[int, int]) -> Tuple[torch.Tensor, int]:
+        from .data import open_rgb
         epoch, index = key
-        img, label = self.folder[index]
+        path, label = self.folder.samples[index]
+        img = open_rgb(path)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(step_seed(self.seed, epoch, index))
-            return self.transform(img.convert('RGB')), label
+            return self.transform(img), label
 
 
 class Batches:

@@ -276,3 +276,28 @@ def test_extract_writes_shards_that_the_probe_reads(folder, tmp_path):
     assert json.loads(r.read_text())['extract_s'] == 0.0  # read, not extracted
     assert main(['probe', '--model', 'ldae_vit_tiny_patch4_32', '--model-args', TINY_ARGS, '--data-root', str(folder),
                  '--layers', '1', '--ts', '10', '--features', str(out), '--noisy-input']) == 2  # another setting
+
+
+def test_a_feature_folder_is_never_destroyed_by_a_read(folder, tmp_path, capsys):
+    """extract then probe --features (the README's pair): layer -1 is the last block, the cells the folder holds are
+    read, a missing cell is extracted alone and added beside the others; no file is rewritten."""
+    from ldae_models.features import load_feature_shards
+    out, r = tmp_path / 'feats', tmp_path / 'r.json'
+    common = ['--model', 'ldae_vit_tiny_patch4_32', '--model-args', TINY_ARGS, '--data-root', str(folder)]
+    assert main(['extract', *common, '--layers', '0', '1', '--ts', '0', '10', '--out', str(out)]) == 0
+    before = {f: f.read_bytes() for f in out.rglob('*.safetensors')}
+    assert main(['probe', *common, '--ts', '10', '--features', str(out), '--out', str(r), '--no-knn']) == 0
+    res = json.loads(r.read_text())
+    assert res['extract_s'] == 0.0 and res['best_layer'] == 1  # -1 read as block 1, the last
+    assert 'block 1 t 10: linear' in capsys.readouterr().out
+    assert main(['probe', *common, '--layers', '-1', '--ts', '10', '40', '--features', str(out), '--out', str(r),
+                 '--no-knn']) == 0
+    err = capsys.readouterr().err
+    assert 'lacks 1 of the 2 cells (block 1 t 40): extracting only those' in err
+    assert json.loads(r.read_text())['extract_s'] > 0
+    assert all(f.read_bytes() == b for f, b in before.items())  # the old shards untouched
+    feats, labels, index = load_feature_shards(out / 'train')
+    assert set(feats) == {(0, 0.0), (0, 10.0), (1, 0.0), (1, 10.0), (1, 40.0)} and len(labels) == 40
+    # extract into the folder again: nothing to do, nothing written
+    assert main(['extract', *common, '--layers', '1', '--ts', '40', '--out', str(out)]) == 0
+    assert len(list(out.rglob('*.safetensors'))) == 4
