@@ -42,6 +42,19 @@ def _json_object(text: Optional[str], flag: str = '--model-args') -> Dict[str, A
     return value
 
 
+def _at_least(low: float, kind: type = int):
+    """An argparse type: a number of ``kind`` that is >= ``low`` (the error names the bound and the value)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not {"an integer" if kind is int else "a number"}') from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f'must be >= {low:g}, got {text}')
+        return value
+    return parse
+
+
 def _stage(message: str) -> None:
     """A line per stage of a long command (stderr, so that stdout stays the result)."""
     print(f'[{time.strftime("%H:%M:%S")}] {message}', file=sys.stderr, flush=True)
@@ -119,8 +132,8 @@ def load_images(paths: List[str], cfg: Dict[str, Any]) -> torch.Tensor:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
     from .features import extract_features, feature_key
+    from .hub.publish import save_safetensors
     model = _model(args, merged=False, **({} if args.t is None else {'t': args.t}))
     tokenizer = getattr(model, 'tokenizer', None)
     if args.noisy_input and tokenizer is not None and not tokenizer.fitted:
@@ -147,7 +160,7 @@ def cmd_features(args: argparse.Namespace) -> int:
               f'first {[round(v, 4) for v in f[0, :4].tolist()]}')
         tensors[feature_key(layer, t)] = f.contiguous()
     if args.out:
-        save_file(tensors, args.out, metadata={'model': args.model, 'images': '\n'.join(paths)})
+        save_safetensors(tensors, args.out, metadata={'model': args.model, 'images': '\n'.join(paths)})
         print(f'wrote {args.out}')
     return 0
 
@@ -201,13 +214,23 @@ def cmd_denoise(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job in one command: features of sample images and the denoising figure, offline."""
+    """The main job in one command: features of sample images and the denoising figure, offline. Both files appear
+    only when both are made (they are written in a temporary folder first)."""
+    import shutil
+    import tempfile
     os.makedirs(args.out_dir, exist_ok=True)
     images = ['--images', *args.images] if args.images else []
-    code = main(['features', '--model', args.model, '--layers', '5', '11', '--ts', '0', '10', '80',
-                 '--out', os.path.join(args.out_dir, 'features.safetensors'), *images])
-    return code or main(['denoise', '--model', args.model, '--t', str(args.t), '--out',
-                 os.path.join(args.out_dir, 'denoising.png'), *images])
+    names = ('features.safetensors', 'denoising.png')
+    with tempfile.TemporaryDirectory(dir=args.out_dir, prefix='.demo-') as tmp:
+        code = main(['denoise', '--model', args.model, '--t', str(args.t), '--out', os.path.join(tmp, names[1]),
+                     *images])  # first: it checks t against the model
+        code = code or main(['features', '--model', args.model, '--layers', '5', '11', '--ts', '0', '10', '80',
+                             '--out', os.path.join(tmp, names[0]), *images])
+        if code == 0:
+            for name in names:
+                shutil.move(os.path.join(tmp, name), os.path.join(args.out_dir, name))
+            print(f'wrote {", ".join(os.path.join(args.out_dir, n) for n in names)}')
+    return code
 
 
 # -- the zoo ------------------------------------------------------------------------------------------------------------
@@ -259,8 +282,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from fnmatch import fnmatchcase
-    from safetensors.torch import save_file
     from .hub.checkpoint import read_checkpoint, unwrap_state_dict
+    from .hub.publish import save_safetensors
     _stage(f'reading {args.src}' + (f' into {args.model} (a strict load checks it)' if args.model else ''))
     if args.full:  # the whole model (an l-DAE's decoder and tokenizer too), checked by a strict load
         from .models import full_model
@@ -278,8 +301,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         state = {k: v.to(dtype) if v.is_floating_point() and not any(fnmatchcase(k, p) for p in keep) else v
                  for k, v in state.items()}
     _stage(f'writing {args.dst}')
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, args.dst,
-              metadata={'format': 'pt', **({'architecture': args.model} if args.model else {})})
+    save_safetensors(state, args.dst, metadata={'architecture': args.model} if args.model else None)
     size = os.path.getsize(args.dst) / 2 ** 20
     print(f'wrote {args.dst}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} values, {size:.1f} MiB')
     return 0
@@ -493,8 +515,15 @@ def _floors(args: argparse.Namespace, model: torch.nn.Module, device: torch.devi
 
 # -- the parser ---------------------------------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose refusal of a flag is one line (and where to look), not the whole usage."""
+
+    def error(self, message: str) -> 'typing.NoReturn':
+        self.exit(2, f'{self.prog}: error: {message}\n({self.prog} --help lists the flags)\n')
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog='ldae-models', description='Denoising-based self-supervised encoders for timm.')
+    ap = _Parser(prog='ldae-models', description='Denoising-based self-supervised encoders for timm.')
     ap.add_argument('--debug', action='store_true', help='show the traceback of an error')
     sub = ap.add_subparsers(dest='command', required=True)
 
@@ -556,10 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--layers', type=int, nargs='+', help='0-based layers (default: the last)')
     p.add_argument('--ts', type=float, nargs='+', help='timesteps (default: the model\'s t)')
     p.add_argument('--noisy-input', action='store_true', help="noise the input at each t (default: the model's)")
-    p.add_argument('--max-train', type=int, default=0, help='a seeded subset of the train split (0: all)')
-    p.add_argument('--max-test', type=int, default=0)
-    p.add_argument('--batch-size-features', type=int, default=512, help='images per forward pass')
-    p.add_argument('--shard-size', type=int, default=50_000, help='rows per shard file')
+    p.add_argument('--max-train', type=_at_least(0), default=0, help='a seeded subset of the train split (0: all)')
+    p.add_argument('--max-test', type=_at_least(0), default=0)
+    p.add_argument('--batch-size-features', type=_at_least(1), default=512, help='images per forward pass')
+    p.add_argument('--shard-size', type=_at_least(1), default=50_000, help='rows per shard file')
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     p.add_argument('--seed', type=int, default=0, help='seed of the subsets and the noise')
     p.add_argument('--out', required=True, help='output folder (OUT/train, OUT/test)')
@@ -581,19 +610,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--ts', type=float, nargs='+', help='timesteps (default: the model\'s t)')
     p.add_argument('--noisy-input', action='store_true', help="noise the input at t (the paper's \"noisy input\")")
     p.add_argument('--solver', choices=('lbfgs', 'adam'), default='lbfgs', help='fast/grid (default: %(default)s)')
-    p.add_argument('--weight-decay', type=float, default=1e-4, help='L2 penalty of the probe (default: %(default)s)')
+    p.add_argument('--weight-decay', type=_at_least(0, float), default=0.0,
+                   help="L2 penalty of the probe (default: none, as MAE's probe and probe.linear_probe; a small penalty "
+                        'such as 1e-4 makes the optimum unique where the train features are separable)')
     p.add_argument('--check-lbfgs', action='store_true', help='with --solver adam: also solve by L-BFGS and print both')
     p.add_argument('--knn', action=argparse.BooleanOptionalAction, default=True, help='kNN (k=20, cosine) too')
     p.add_argument('--floors', action='store_true', help='also probe a random network of the same shape and raw pixels')
-    p.add_argument('--epochs', type=int, default=90, help='adam: epochs; mae: epochs (MAE: 90) (default: %(default)s)')
-    p.add_argument('--lr', type=float, default=1e-3, help='adam: lr (default: %(default)s)')
-    p.add_argument('--warmup-epochs', type=int, default=10, help='mae: warmup epochs (MAE: 10)')
-    p.add_argument('--batch-size', type=int, default=16384, help='mae: batch (MAE: 16384), accumulated')
-    p.add_argument('--micro-batch', type=int, default=1024, help='mae: images per forward pass')
-    p.add_argument('--blr', type=float, default=0.1, help='mae: base lr, lr = blr * batch / 256 (MAE: 0.1)')
-    p.add_argument('--batch-size-features', type=int, default=512, help='images per forward pass of extraction')
-    p.add_argument('--max-train', type=int, default=0, help='a seeded subset of the train split (0: all)')
-    p.add_argument('--max-test', type=int, default=0)
+    p.add_argument('--epochs', type=_at_least(1), default=90, help='adam: epochs; mae: epochs (MAE: 90) (default: %(default)s)')
+    p.add_argument('--lr', type=_at_least(0, float), default=1e-3, help='adam: lr (default: %(default)s)')
+    p.add_argument('--warmup-epochs', type=_at_least(0), default=10, help='mae: warmup epochs (MAE: 10)')
+    p.add_argument('--batch-size', type=_at_least(1), default=16384, help='mae: batch (MAE: 16384), accumulated')
+    p.add_argument('--micro-batch', type=_at_least(1), default=1024, help='mae: images per forward pass')
+    p.add_argument('--blr', type=_at_least(0, float), default=0.1, help='mae: base lr, lr = blr * batch / 256 (MAE: 0.1)')
+    p.add_argument('--batch-size-features', type=_at_least(1), default=512, help='images per forward pass of extraction')
+    p.add_argument('--max-train', type=_at_least(0), default=0, help='a seeded subset of the train split (0: all)')
+    p.add_argument('--max-test', type=_at_least(0), default=0)
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', help='write the result as JSON here')

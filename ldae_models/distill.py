@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .models.extractor import FeatureExtractor
-from .train import Objective, RunConfig, _arg, process_group, run
+from .train import Objective, RunConfig, _arg, process_group, run, undo_on_failure
 
 __all__ = ['DistillConfig', 'Distillation', 'TimestepPolicy', 'MovingBaseline', 'reinforce_loss', 'distill',
            'POLICIES']
@@ -71,21 +71,22 @@ class DistillConfig(RunConfig):
     policy: str = _arg('reinforce', "'fixed' (one t), 'random' (uniform over the grid), 'reinforce' (learned)",
                        choices=POLICIES)
     t: Optional[float] = _arg(None, "the fixed policy's t (default: the teacher's own t)")
-    t_bins: int = _arg(1000, "the policy's grid: this many steps evenly over the teacher's [0, T) (the official: 1000)")
-    kd_weight: float = _arg(1.0, 'weight of the feature-distillation MSE in stage 1')
-    entropy_weight: float = _arg(0.1, "the policy's entropy bonus at the start (the official: 0.1)")
+    t_bins: int = _arg(1000, "the policy's grid: this many steps evenly over the teacher's [0, T) (the official: 1000)",
+                       min=2)
+    kd_weight: float = _arg(1.0, 'weight of the feature-distillation MSE in stage 1', min=0)
+    entropy_weight: float = _arg(0.1, "the policy's entropy bonus at the start (the official: 0.1)", min=0)
     entropy_decay: float = _arg(0.5, 'fraction of stage 1 over which the entropy bonus decays linearly to 0 '
-                                     '(the official: 100 of 200 epochs)')
-    baseline_momentum: float = _arg(0.9, "momentum of REINFORCE's moving-average reward baseline")
+                                     '(the official: 100 of 200 epochs)', min=0)
+    baseline_momentum: float = _arg(0.9, "momentum of REINFORCE's moving-average reward baseline", min=0, below=1)
     # -- the task stage
-    task_epochs: int = _arg(0, 'epochs of stage 2, the student fine-tuned on labels (0: none)')
-    task_kd_weight: float = _arg(0.0, 'keep the distillation loss in stage 2 with this weight')
+    task_epochs: int = _arg(0, 'epochs of stage 2, the student fine-tuned on labels (0: none)', min=0)
+    task_kd_weight: float = _arg(0.0, 'keep the distillation loss in stage 2 with this weight', min=0)
     # RunConfig defaults that differ for a supervised student
-    epochs: int = _arg(100, 'epochs of stage 1, the distillation (0: none; the student is trained from scratch)')
-    batch_size: int = _arg(128, 'global batch')
-    blr: float = _arg(2e-3, 'base lr: lr = blr * batch / 256')
-    warmup_epochs: float = _arg(5, 'linear warmup epochs of each stage, then half-cycle cosine to 0')
-    weight_decay: float = _arg(0.05, 'AdamW weight decay')
+    epochs: int = _arg(100, 'epochs of stage 1, the distillation (0: none; the student is trained from scratch)', min=0)
+    batch_size: int = _arg(128, 'global batch', min=1)
+    blr: float = _arg(2e-3, 'base lr: lr = blr * batch / 256', min=0)
+    warmup_epochs: float = _arg(5, 'linear warmup epochs of each stage, then half-cycle cosine to 0', min=0)
+    weight_decay: float = _arg(0.05, 'AdamW weight decay', min=0)
 
 
 class TimestepPolicy(nn.Module):
@@ -329,12 +330,22 @@ class Distillation(Objective):
         return rec
 
     def export(self, trained: nn.Module, cfg: RunConfig, out: Path) -> Path:
-        from safetensors.torch import save_file
+        from .hub.publish import save_safetensors
         path = out / 'model.safetensors'
-        save_file({k: v.detach().cpu().contiguous() for k, v in trained.state_dict().items()}, str(path),
-                  metadata={'format': 'pt', 'stage': self.stage, 'student': self.cfg.student,
+        save_safetensors(trained.state_dict(), path, metadata={'stage': self.stage, 'student': self.cfg.student,
                             'num_classes': str(self.num_classes), 'img_size': str(self.img_size)})
         return path
+
+
+def _check_student(name: str) -> None:
+    """Refuse a student timm does not know, in one line with the nearest names."""
+    import difflib
+    import timm
+    if name.startswith(('hf-hub:', 'local-dir:')) or timm.is_model(name):
+        return
+    near = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
+    raise ValueError(f'unknown student model {name!r}: timm has no such model'
+                     + (f' (did you mean {", ".join(near)}?)' if near else "; timm.list_models('resnet*') lists names"))
 
 
 def _img_size(cfg: DistillConfig, teacher: Optional[nn.Module]) -> int:
@@ -373,8 +384,10 @@ def distill(cfg: DistillConfig) -> Dict[str, Any]:
         raise ValueError('nothing to run: give --epochs (distillation) and/or --task-epochs (the task)')
     if cfg.max_steps:
         raise ValueError('distill runs whole epochs: --max-steps is not available (use --epochs, --task-epochs)')
+    _check_student(cfg.student)
     with process_group(cfg.device) as (rank, _, _):  # one process group for both stages under torchrun
-        return _distill(cfg, is_main=rank == 0)
+        with undo_on_failure(Path(cfg.out), enabled=rank == 0):
+            return _distill(cfg, is_main=rank == 0)
 
 
 def _distill(cfg: DistillConfig, is_main: bool) -> Dict[str, Any]:
@@ -400,10 +413,11 @@ def _distill(cfg: DistillConfig, is_main: bool) -> Dict[str, Any]:
     if is_main and final.is_file():
         result['student'] = str(_export_student(cfg, final, out))
         if cfg.policy == 'reinforce' and stage1 is not None:
-            from safetensors.torch import load_file, save_file
+            from safetensors.torch import load_file
+            from .hub.publish import save_safetensors
             state = load_file(str(stage1 / 'model.safetensors'))
-            save_file({k.split('policy.', 1)[1]: v for k, v in state.items() if k.startswith('policy.')},
-                      str(out / 'policy.safetensors'), metadata={'format': 'pt', 't_bins': str(cfg.t_bins)})
+            save_safetensors({k.split('policy.', 1)[1]: v for k, v in state.items() if k.startswith('policy.')},
+                             out / 'policy.safetensors', metadata={'t_bins': str(cfg.t_bins)})
             result['policy'] = str(out / 'policy.safetensors')
     return result
 

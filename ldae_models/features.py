@@ -146,7 +146,7 @@ def save_feature_shards(features: FeatureDict, labels: torch.Tensor, out_dir: Un
     images (labels), and only the cells it lacks are written, as new shard files beside the old ones; the index is
     replaced atomically once they are complete. A cell it has already is refused (``ValueError``), never overwritten.
     """
-    from safetensors.torch import save_file
+    from .hub.publish import save_safetensors
     out = Path(out_dir)
     labels = labels.cpu()
     n = len(labels)
@@ -176,7 +176,7 @@ def save_feature_shards(features: FeatureDict, labels: torch.Tensor, out_dir: Un
                 f'features-p{part}-{s:05d}-of-{count:05d}.safetensors')
         tensors = {names[k]: v[lo:hi].contiguous() for k, v in features.items()}
         tensors['labels'] = labels[lo:hi].contiguous()
-        save_file(tensors, str(out / name), metadata={'format': 'pt'})
+        save_safetensors(tensors, out / name)
         files.append(name)
     keys = list(old['keys']) if old else []
     for k, v in features.items():

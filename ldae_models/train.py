@@ -62,6 +62,21 @@ def _arg(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata=dict(help=help, **kw))
 
 
+def check_bounds(cfg: Any) -> None:
+    """Refuse a field outside the bounds its metadata states (``min``, ``above``, ``below``), naming its flag."""
+    for f in dataclasses.fields(cfg):
+        value, meta = getattr(cfg, f.name), f.metadata
+        if value is None or isinstance(value, (bool, str, dict)) or not any(k in meta for k in ('min', 'above', 'below')):
+            continue
+        flag = '--' + f.name.replace('_', '-')
+        if 'min' in meta and not value >= meta['min']:
+            raise ValueError(f'{flag} must be >= {meta["min"]}, got {value}')
+        if 'above' in meta and not value > meta['above']:
+            raise ValueError(f'{flag} must be > {meta["above"]}, got {value}')
+        if 'below' in meta and not value < meta['below']:
+            raise ValueError(f'{flag} must be < {meta["below"]}, got {value}')
+
+
 @dataclass
 class RunConfig:
     """What every training run of the zoo shares (``ldae-models train`` and ``ldae-models distill``): data, budget and
@@ -78,31 +93,37 @@ class RunConfig:
                           choices=('auto', 'yes', 'no'))
     aug: str = _arg('center', "'center' crop (the paper's default) or 'rrc' (random resized crop + flip)",
                     choices=('center', 'rrc'))
-    workers: int = _arg(4, 'DataLoader workers of the streaming path')
+    workers: int = _arg(4, 'DataLoader workers of the streaming path', min=0)
     # -- budget and optimiser (App. A: AdamW, no weight decay, blr 1e-4, batch 2048, warmup 100 of 400 epochs)
-    epochs: int = _arg(400, 'epochs of the schedule (the paper: 400, 800, 1600)')
-    max_steps: int = _arg(0, 'end after this many steps instead; warmup and cosine are then laid over these steps')
-    batch_size: int = _arg(2048, 'global batch (the paper: 2048)')
-    accum_steps: int = _arg(1, 'micro-batches per step (gradient accumulation) when the batch does not fit')
-    blr: float = _arg(1e-4, 'base lr: lr = blr * batch / 256 (the paper)')
-    lr: float = _arg(0.0, 'absolute peak lr (overrides blr)')
-    warmup_epochs: float = _arg(100, 'linear warmup (the paper: 100 of 400 epochs), then half-cycle cosine to 0')
-    weight_decay: float = _arg(0.0, 'AdamW weight decay (the paper: none)')
-    clip_grad: float = _arg(0.0, 'gradient-norm clip (0: off)')
-    ema: float = _arg(0.0, 'EMA decay of the weights, e.g. 0.9999 (0: off); the final weights are the EMA')
+    epochs: int = _arg(400, 'epochs of the schedule (the paper: 400, 800, 1600)', min=0)
+    max_steps: int = _arg(0, 'end after this many steps instead; warmup and cosine are then laid over these steps (0: no '
+                                'step limit, the epochs decide)', min=0)
+    batch_size: int = _arg(2048, 'global batch (the paper: 2048)', min=1)
+    accum_steps: int = _arg(1, 'micro-batches per step (gradient accumulation) when the batch does not fit', min=1)
+    blr: float = _arg(1e-4, 'base lr: lr = blr * batch / 256 (the paper)', min=0)
+    lr: float = _arg(0.0, 'absolute peak lr (overrides blr; 0: from blr)', min=0)
+    warmup_epochs: float = _arg(100, 'linear warmup (the paper: 100 of 400 epochs), then half-cycle cosine to 0', min=0)
+    weight_decay: float = _arg(0.0, 'AdamW weight decay (the paper: none)', min=0)
+    clip_grad: float = _arg(0.0, 'gradient-norm clip (0: off)', min=0)
+    ema: float = _arg(0.0, 'EMA decay of the weights, e.g. 0.9999 (0: off); the final weights are the EMA', min=0,
+                      below=1)
     # -- precision and speed
     amp: str = _arg('auto', "bf16 autocast: 'auto' (on a GPU, and on a CPU with AVX512-BF16 or AMX), 'bf16', 'off'",
                     choices=('auto', 'bf16', 'off'))
     compile: bool = _arg(False, 'torch.compile the training step')
-    nan_check_every: int = _arg(25, 'steps between reads of the non-finite-loss flag (each read waits on the device)')
+    nan_check_every: int = _arg(25, 'steps between reads of the non-finite-loss flag (each read waits on the device)',
+                                min=1)
     device: str = _arg('auto', "'auto' (the local GPU if any), 'cpu', 'cuda'", choices=('auto', 'cpu', 'cuda'))
     # -- the run
     out: str = _arg('', 'output folder: checkpoints, log.jsonl, final weights')
     seed: int = _arg(0, 'the seed of every random draw of the run')
     resume: bool = _arg(False, 'continue from OUT/ckpt_last.pth when it exists')
-    ckpt_every: int = _arg(1000, 'steps between checkpoints (also at the end)')
-    log_every: int = _arg(50, 'steps between JSON log lines')
+    ckpt_every: int = _arg(1000, 'steps between checkpoints (also at the end)', min=1)
+    log_every: int = _arg(50, 'steps between JSON log lines', min=1)
     quiet: bool = _arg(False, 'no progress bar')
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 @dataclass
@@ -120,15 +141,15 @@ class TrainConfig(RunConfig):
                                          "'vp_linear' (input-scaled, Tab. 1/3)",
                                    choices=('linear_sigma', 'single', 'vp_linear'))
     sigma_max: Optional[float] = _arg(None, 'sigma at the last step of linear_sigma (the paper: sqrt 2); larger '
-                                            'hides more of the image at high t')
-    latent_dim: Optional[int] = _arg(None, 'd, the PCA components kept as the latent (Tab. 2)')
+                                            'hides more of the image at high t', above=0)
+    latent_dim: Optional[int] = _arg(None, 'd, the PCA components kept as the latent (Tab. 2)', min=1)
     latent_scale: Optional[str] = _arg(None, "latent scale (ours): 'global' (one scale), 'whiten' (per component)",
                                        choices=('global', 'whiten', 'none'))
-    residual_weight: Optional[float] = _arg(None, 'loss weight of the discarded PCA components (the paper: 0.1)')
+    residual_weight: Optional[float] = _arg(None, 'loss weight of the discarded PCA components (the paper: 0.1)', min=0)
     grad_checkpointing: bool = _arg(False, 'recompute activations in backward (l-DAE): less memory, more time')
     # -- PCA tokenizer
-    pca_images: int = _arg(50_000, 'images streamed into the PCA fit (the first step of an l-DAE run)')
-    pca_patches_per_image: Optional[int] = _arg(None, 'random patches per image in the fit (default: all)')
+    pca_images: int = _arg(50_000, 'images streamed into the PCA fit (the first step of an l-DAE run)', min=1)
+    pca_patches_per_image: Optional[int] = _arg(None, 'random patches per image in the fit (default: all)', min=1)
     pca_from: Optional[str] = _arg(None, 'take the fitted tokenizer from this checkpoint instead of fitting')
 
     def model_kwargs(self) -> Dict[str, Any]:
@@ -606,15 +627,35 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 def run(cfg: RunConfig, make_objective: Callable[[], Objective]) -> Dict[str, Any]:
     """The training loop every run of the zoo shares: one process or torchrun, exact resume, device-resident data,
     counter-based draws, no per-step host sync, bf16 autocast, EMA, atomic checkpoints, a log line per stage."""
+    if not cfg.out:
+        raise ValueError('--out is required')
     with process_group(cfg.device) as (rank, world, device):
-        return _run(cfg, make_objective, rank, world, device)
+        with undo_on_failure(Path(cfg.out), enabled=rank == 0):
+            return _run(cfg, make_objective, rank, world, device)
+
+
+@contextlib.contextmanager
+def undo_on_failure(out: Path, enabled: bool = True) -> Iterator[None]:
+    """A run that fails before its first checkpoint leaves ``out`` as it found it: the folder is removed if the run
+    created it, else the log the run started. A run with a checkpoint (in ``out`` or a stage folder below it) keeps
+    everything: it resumes from there."""
+    created = not out.exists()
+    had_log = (out / 'log.jsonl').exists()
+    try:
+        yield
+    except BaseException:
+        if enabled and not any(out.rglob(CKPT_NAME)):
+            if created:
+                import shutil
+                shutil.rmtree(out, ignore_errors=True)
+            elif not had_log:
+                (out / 'log.jsonl').unlink(missing_ok=True)
+        raise
 
 
 def _run(cfg: RunConfig, make_objective: Callable[[], Objective], rank: int, world: int, device: torch.device
          ) -> Dict[str, Any]:
     is_main = rank == 0
-    if not cfg.out:
-        raise ValueError('--out is required')
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out, is_main)
@@ -753,11 +794,8 @@ def export_final(model: nn.Module, cfg: TrainConfig, out: Path, is_dae: bool) ->
     """``model.safetensors`` (the whole model) and, for an l-DAE, ``encoder/``: its conditional encoder, with the
     arguments (schedule and t included) that rebuild it, as a ``save_pretrained`` folder."""
     import timm
-    from safetensors.torch import save_file
-    from .hub.publish import save_pretrained
-    path = out / 'model.safetensors'
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={'format': 'pt', 'architecture': cfg.model})
+    from .hub.publish import save_pretrained, save_safetensors
+    path = save_safetensors(model.state_dict(), out / 'model.safetensors', metadata={'architecture': cfg.model})
     if is_dae:
         enc = timm.create_model(cfg.model, pretrained=True, merged=False, pretrained_cfg_overlay=dict(file=str(path)),
                                 **model.encoder_args)

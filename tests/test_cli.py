@@ -49,9 +49,29 @@ def test_python_m_and_the_console_script_entry_point():
      'weight file not found'),
     (['probe', '--model', 'ldae_vit_tiny_patch4_32'], '--data-root is required'),
     (['train', '--out', '/tmp/x'], '--data-root is required'),
+    (['train', '--data-root', '/tmp', '--out', '/tmp/x', '--batch-size', '0'], '--batch-size must be >= 1, got 0'),
+    (['train', '--data-root', '/tmp', '--out', '/tmp/x', '--batch-size', '-1'], '--batch-size must be >= 1, got -1'),
+    (['train', '--data-root', '/tmp', '--out', '/tmp/x', '--ema', '1.5'], '--ema must be < 1, got 1.5'),
+    (['train', '--data-root', '/tmp', '--out', '/tmp/x', '--log-every', '0'], '--log-every must be >= 1, got 0'),
+    (['distill', '--data-root', '/tmp', '--out', '/tmp/x', '--batch-size', '0'], '--batch-size must be >= 1, got 0'),
+    (['distill', '--data-root', '/tmp', '--out', '/tmp/x', '--student', 'resnet_nope'],
+     "unknown student model 'resnet_nope': timm has no such model (did you mean"),
+    (['probe', '--model', 'ldae_vit_tiny_patch4_32', '--mode', 'mae', '--batch-size', '0'],
+     'argument --batch-size: must be >= 1, got 0'),
+    (['probe', '--model', 'ldae_vit_tiny_patch4_32', '--batch-size-features', '0'],
+     'argument --batch-size-features: must be >= 1, got 0'),
+    (['extract', '--model', 'ldae_vit_tiny_patch4_32', '--data-root', '/nonexistent', '--out', '/tmp/x', '--ts', '-1'],
+     't must be in [0, 1000)'),
+    (['probe', '--model', 'ldae_vit_tiny_patch4_32', '--data-root', '/nonexistent', '--mode', 'grid', '--ts', '5000'],
+     't must be in [0, 1000)'),
+    (['probe', '--model', 'ldae_vit_tiny_patch4_32', '--data-root', '/nonexistent', '--layers', '12'],
+     'layer 12 is out of range'),
 ])
 def test_user_mistakes_get_one_line_and_status_2(argv, message, capsys):
-    assert main(argv) == 2
+    try:
+        assert main(argv) == 2
+    except SystemExit as e:  # argparse's own refusal of a flag's value: usage and one line, status 2
+        assert e.code == 2
     err = capsys.readouterr().err
     assert message in err and 'Traceback' not in err and len(err.strip().splitlines()) <= 3, err
 

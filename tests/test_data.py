@@ -103,3 +103,16 @@ def test_augment_on_the_device():
     assert torch.allclose(D.augment(x, 'rrc', u=u_full), x, atol=1e-5)
     with pytest.raises(ValueError, match="'center' or 'rrc'"):
         D.augment(x, 'cutmix')
+
+
+def test_a_truncated_image_is_named(tmp_path):
+    from ldae_models.data import load_split
+    from PIL import Image
+    d = tmp_path / 'train' / 'a'
+    d.mkdir(parents=True)
+    Image.new('RGB', (16, 16), (200, 10, 10)).save(d / 'good.png')
+    Image.new('RGB', (64, 64), (10, 200, 10)).save(d / 'bad.png')
+    data = (d / 'bad.png').read_bytes()
+    (d / 'bad.png').write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=r'bad\.png: cannot decode the image'):
+        load_split('folder', tmp_path, 'train', 16, progress=False)

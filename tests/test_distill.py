@@ -198,7 +198,9 @@ def test_two_processes_equal_one(folder, teacher, tmp_path, amp):
     (dict(teacher='local-dir:{plain}'), 'not a diffusion extractor'),
     (dict(student_layer='layer9'), "has no module 'layer9'"),
     (dict(policy='fixed', t=5000.0), 'must be in [0, 1000)'),
-    (dict(t_bins=1), '--t-bins must be in [2, 1000]'),
+    (dict(t_bins=1), '--t-bins must be >= 2, got 1'),
+    (dict(t_bins=2000), '--t-bins must be in [2, 1000]'),
+    (dict(student='resnet_nope'), "unknown student model 'resnet_nope': timm has no such model (did you mean"),
     (dict(epochs=0, task_epochs=0), 'nothing to run'),
 ])
 def test_bad_input_names_the_problem(folder, teacher, tmp_path, change, message):
@@ -208,10 +210,10 @@ def test_bad_input_names_the_problem(folder, teacher, tmp_path, change, message)
     save_pretrained(timm.create_model('resnet18', num_classes=2), plain, architecture='resnet18',
                     model_args=dict(num_classes=2))
     change = {k: v.format(plain=plain) if isinstance(v, str) else v for k, v in change.items()}
-    cfg = dataclasses.replace(D.DistillConfig(data_root=str(folder), out=str(tmp_path / 'o'), teacher=teacher,
-                                              batch_size=8, epochs=1, workers=0, quiet=True), **change)
-    with pytest.raises(ValueError, match=message.replace('[', r'\[').replace(')', r'\)')):
-        D.distill(cfg)
+    with pytest.raises(ValueError, match=message.replace('[', r'\[').replace(')', r'\)').replace('(', r'\(')):
+        D.distill(dataclasses.replace(D.DistillConfig(data_root=str(folder), out=str(tmp_path / 'o'), teacher=teacher,
+                                                      batch_size=8, epochs=1, workers=0, quiet=True), **change))
+    assert not (tmp_path / 'o').exists()  # nothing half-written
 
 
 def test_the_command_line_answers_a_bad_teacher_in_one_line(folder, tmp_path, capsys):

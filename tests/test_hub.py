@@ -178,6 +178,32 @@ def test_unreachable_sources_say_so(tmp_path, monkeypatch):
         timm.create_model('dit_xl_patch2_256.fb_in1k_diffusers', pretrained=True, depth=1, cache_dir=str(tmp_path))
 
 
+def test_without_network_hub_and_url_tags_fail_fast_or_use_the_cache(trained, tmp_path, monkeypatch):
+    """No HF_HUB_OFFLINE and no network: one look at the host (not a minute of retries), then the cache or one line."""
+    import socket
+    import time
+    from ldae_models.hub import sources
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+    asked = []
+
+    def no_network(address, *a, **k):
+        asked.append(address)
+        raise OSError('Network is unreachable')
+    monkeypatch.setattr(socket, 'create_connection', no_network)
+    sources.reachable.cache_clear()
+    t0 = time.time()
+    with pytest.raises(SourceError, match=r"repo 'facebook/DiT-XL-2-256' \(no network access: huggingface.co cannot be "
+                                          r"reached\) and it is not in the cache"):
+        timm.create_model('dit_xl_patch2_256.fb_in1k_diffusers', pretrained=True, depth=1, cache_dir=str(tmp_path))
+    with pytest.raises(SourceError, match=r'cannot download https://dl.fbaipublicfiles.com/.*no network access'):
+        timm.create_model('dit_xl_patch2_256.fb_in1k', pretrained=True, depth=1, cache_dir=str(tmp_path))
+    assert time.time() - t0 < 5 and asked == [('huggingface.co', 443), ('dl.fbaipublicfiles.com', 443)]
+    fake_hf_cache(tmp_path, 'ldae/tiny-test', {'model.safetensors': trained['paths']['safetensors']})
+    m = create(pretrained_cfg_overlay=dict(hf_hub_id='ldae/tiny-test'), cache_dir=str(tmp_path))
+    assert same_weights(m, trained['enc_sd']) and len(asked) == 2  # the answer is remembered
+    sources.reachable.cache_clear()
+
+
 @pytest.mark.parametrize('content', [b'just some text, renamed .pth\n', b'PK\x03\x04 not really a zip', b''])
 def test_files_that_are_not_checkpoints_are_named(tmp_path, content):
     bad = tmp_path / 'notes.pth'

@@ -121,6 +121,13 @@ def test_demo_command_offline(tmp_path, capsys):
         assert im.size[0] > im.size[1] / 3 > 100  # 3 rows of (clean, noisy, denoised), enlarged
 
 
+def test_a_failed_demo_writes_nothing(tmp_path, capsys):
+    pytest.importorskip('matplotlib')
+    from ldae_models.cli import main
+    assert main(['demo', '--out-dir', str(tmp_path), '--t', '-1']) == 2
+    assert 't must be in [0, 1000)' in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
 def test_torch_hub_loads_the_shipped_weights():
     import os
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -238,6 +238,14 @@ def test_single_level_encoder_carries_its_t(folder, tmp_path):
 def test_bad_arguments(folder, tmp_path):
     with pytest.raises(ValueError, match='larger than the data set'):
         T.train(config(folder, tmp_path / 'x', '--batch-size', '64'))
+    assert not (tmp_path / 'x').exists()  # a failed run leaves nothing behind
+    (tmp_path / 'mine').mkdir()
+    (tmp_path / 'mine' / 'notes.txt').write_text('kept')
+    with pytest.raises(ValueError, match='larger than the data set'):
+        T.train(config(folder, tmp_path / 'mine', '--batch-size', '64'))
+    assert [f.name for f in (tmp_path / 'mine').iterdir()] == ['notes.txt']  # a folder of the user's: as it was
+    with pytest.raises(ValueError, match='--max-steps must be >= 0, got -1'):
+        config(folder, tmp_path / 'y', '--max-steps', '-1')
     with pytest.raises(ValueError, match='divisible'):
         T.train(config(folder, tmp_path / 'y', '--accum-steps', '3'))
     with pytest.raises(FileNotFoundError):
@@ -276,6 +284,15 @@ def test_extract_writes_shards_that_the_probe_reads(folder, tmp_path):
     assert json.loads(r.read_text())['extract_s'] == 0.0  # read, not extracted
     assert main(['probe', '--model', 'ldae_vit_tiny_patch4_32', '--model-args', TINY_ARGS, '--data-root', str(folder),
                  '--layers', '1', '--ts', '10', '--features', str(out), '--noisy-input']) == 2  # another setting
+
+
+def test_extract_without_the_split_writes_nothing(folder, tmp_path, capsys):
+    only_train = tmp_path / 'only_train'
+    import shutil
+    shutil.copytree(folder / 'train', only_train / 'train')
+    assert main(['extract', '--model', 'ldae_vit_tiny_patch4_32', '--model-args', TINY_ARGS, '--data-root',
+                 str(only_train), '--out', str(tmp_path / 'f')]) == 2
+    assert 'has no test split' in capsys.readouterr().err and not (tmp_path / 'f').exists()
 
 
 def test_a_feature_folder_is_never_destroyed_by_a_read(folder, tmp_path, capsys):

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .sources import SAFETENSORS_NAME, SHARDED_NAME, WEIGHTS_INFO_KEYS, PathLike, sha256_note, sha256_of
 
-__all__ = ['save_pretrained', 'push_to_hub', 'export_timm', 'save_sharded']
+__all__ = ['save_pretrained', 'push_to_hub', 'export_timm', 'save_sharded', 'save_safetensors']
 
 # Keys of the source cfg that stay true of the written file.
 _KEPT_WEIGHT_INFO = ('license',)
@@ -25,6 +25,23 @@ _KEPT_WEIGHT_INFO = ('license',)
 _TIMM_VIT_BY_WIDTH = {192: 'vit_tiny_patch16_224', 384: 'vit_small_patch16_224', 768: 'vit_base_patch16_224',
                       1024: 'vit_large_patch16_224', 1152: 'vit_so400m_patch14_siglip_224',
                       1280: 'vit_huge_patch14_224'}
+
+
+def save_safetensors(tensors: Dict[str, torch.Tensor], path: PathLike, metadata: Optional[Dict[str, str]] = None
+                     ) -> Path:
+    """Write tensors (moved to the CPU, made contiguous) as one safetensors file, atomically: a temporary name in the
+    same folder, then a rename, so that the file appears only when complete. ``metadata`` values are strings."""
+    from safetensors.torch import save_file
+    import os
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={'format': 'pt', **(metadata or {})})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def _json_default(o: Any) -> Any:
@@ -66,12 +83,10 @@ def _model_card(name: str, architecture: str, cfg: Dict[str, Any], card: Dict[st
 def _write_folder(save_dir: PathLike, state: Dict[str, torch.Tensor], architecture: str, source_cfg: Dict[str, Any],
                   model_args: Dict[str, Any], num_classes: int, num_features: Optional[int], card: Dict[str, Any],
                   extra_notes: tuple = ()) -> Path:
-    from safetensors.torch import save_file
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    weights = save_dir / SAFETENSORS_NAME
-    save_file(state, str(weights), metadata={'format': 'pt', 'architecture': architecture})
+    weights = save_safetensors(state, save_dir / SAFETENSORS_NAME, metadata={'architecture': architecture})
     sha = sha256_of(weights)
     cfg = {k: v for k, v in source_cfg.items() if v is not None and
            (k not in WEIGHTS_INFO_KEYS or k in _KEPT_WEIGHT_INFO) and k != 'architecture'}
@@ -157,7 +172,6 @@ def save_sharded(state: Dict[str, torch.Tensor], save_dir: PathLike, max_shard_b
     """Write a state dict as safetensors shards of at most ``max_shard_bytes`` (a tensor larger than that gets a
     shard of its own) and Hugging Face's index ``model.safetensors.index.json``, which ``read_checkpoint`` and every
     ``file=`` source read. Returns the index's path."""
-    from safetensors.torch import save_file
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     shards, current, size = [], {}, 0
@@ -172,7 +186,7 @@ def save_sharded(state: Dict[str, torch.Tensor], save_dir: PathLike, max_shard_b
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         name = f'model-{i:05d}-of-{len(shards):05d}.safetensors'
-        save_file(shard, str(save_dir / name), metadata={'format': 'pt', **(metadata or {})})
+        save_safetensors(shard, save_dir / name, metadata=metadata)
         weight_map.update({k: name for k in shard})
     index = save_dir / SHARDED_NAME
     total = sum(v.numel() * v.element_size() for v in state.values())

@@ -16,6 +16,7 @@ another file and brings no note of its own, the tag's note does not apply (``Wei
 ``weight_source(cfg)`` is the one function that decides whether a cfg has bytes.
 """
 import hashlib
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,15 +153,23 @@ class WeightSource:
         return path
 
     def _hf_download(self, cache_dir: Optional[PathLike]) -> Path:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
         repo, _, revision = self.location.partition('@')
+        offline = os.environ.get('HF_HUB_OFFLINE', '0') not in ('0', '', 'false', 'False')
+        host = urlparse(constants.ENDPOINT).hostname or 'huggingface.co'
+        if not offline and not reachable(host):  # no network: the cache or one clear line, not a minute of retries
+            for name in self._hub_names():
+                cached = try_to_load_from_cache(repo, name, revision=revision or None, cache_dir=cache_dir)
+                if isinstance(cached, str):
+                    return Path(cached)
+            raise SourceError(f'cannot fetch {" or ".join(self._hub_names())} from the Hugging Face repo {repo!r} '
+                              f'(no network access: {host} cannot be reached) and it is not in the cache')
         last: Optional[Exception] = None
         for name in self._hub_names():
             try:
                 return Path(hf_hub_download(repo, name, revision=revision or None, cache_dir=cache_dir))
             except Exception as e:  # noqa: BLE001 -- not found, offline, no network: try the next name, then report
                 last = e
-        offline = os.environ.get('HF_HUB_OFFLINE', '0') not in ('0', '', 'false', 'False')
         raise SourceError(f'cannot fetch {" or ".join(self._hub_names())} from the Hugging Face repo {repo!r}'
                           + (' (HF_HUB_OFFLINE is set: is it in the cache?)' if offline else ' (no network access?)')
                           + f': {type(last).__name__}: {str(last).splitlines()[0] if str(last) else ""}')
@@ -168,6 +177,9 @@ class WeightSource:
     def _url_download(self, cache_dir: Optional[PathLike]) -> Path:
         dst = self._url_path(cache_dir)
         if not dst.exists():
+            host = urlparse(self.location).hostname
+            if host and not reachable(host, 443 if self.location.startswith('https') else 80):
+                raise SourceError(f'cannot download {self.location} (no network access: {host} cannot be reached)')
             dst.parent.mkdir(parents=True, exist_ok=True)
             try:
                 torch.hub.download_url_to_file(self.location, str(dst), hash_prefix=None, progress=False)
@@ -197,6 +209,18 @@ class WeightSource:
         from huggingface_hub import try_to_load_from_cache
         repo = self.location.split('@', 1)[0]
         return any(isinstance(try_to_load_from_cache(repo, n, cache_dir=cache_dir), str) for n in self._hub_names())
+
+
+@functools.lru_cache(maxsize=None)
+def reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``host`` opens within ``timeout`` seconds (asked once per host and process): a
+    machine without network fails here in at most that long, where a download would retry for about a minute."""
+    import socket
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def weight_source(cfg: Dict[str, Any]) -> Optional[WeightSource]:
