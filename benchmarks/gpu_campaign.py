@@ -1,13 +1,13 @@
-"""Everything one GPU lease should produce, in one command: throughput, a recipe sweep, the long run, the paper's
+"""Everything one GPU session should produce, in one command: throughput, a recipe sweep, the long run, the paper's
 trends, every run probed against the floors, and the long run's weights.
 
-    # on the GPU (in the background: a command of the device tool runs at most 10 minutes)
-    setsid nohup python benchmarks/gpu_campaign.py --npz data/cifar10-jpeg.npz --work /tmp/campaign \\
-        --budget-min 21 > /tmp/campaign.log 2>&1 &
-    tail -n 3 /tmp/campaign/progress.log                          # poll
-    python benchmarks/gpu_campaign.py --collect /tmp/campaign --out $OUT   # the files to bring back (8 at most)
+    # on the GPU, in the background (so that a closed terminal or a short command limit does not stop it)
+    nohup python benchmarks/gpu_campaign.py --npz CIFAR10.npz --work runs/campaign \\
+        --budget-min 21 > runs/campaign.log 2>&1 &
+    tail -n 3 runs/campaign/progress.log                          # its progress
+    python benchmarks/gpu_campaign.py --collect runs/campaign --out results/   # the files to keep (8 at most)
 
-    python benchmarks/gpu_campaign.py --smoke --npz data/cifar10-jpeg.npz --work /tmp/smoke --out /tmp/smoke_out  # CPU
+    python benchmarks/gpu_campaign.py --smoke --npz CIFAR10.npz --work runs/smoke --out runs/smoke_out  # CPU
 
 In order (each stage appends to ``WORK/progress.log`` and rewrites ``WORK/results.json``):
 

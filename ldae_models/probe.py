@@ -393,7 +393,7 @@ def grid_to_json(results: Dict[GridKey, Dict[str, float]]) -> List[Dict[str, Any
 
 
 def plot_grid(results: Dict[GridKey, float], path: str, title: str = 'linear probe top-1 (%)',
-              layer_label: str = 'layer') -> str:
+              layer_label: str = 'block') -> str:
     """Write a heat map of a grid probe (layers x timesteps, values top-1 %) to ``path`` (needs matplotlib)."""
     try:
         import matplotlib
@@ -406,7 +406,10 @@ def plot_grid(results: Dict[GridKey, float], path: str, title: str = 'linear pro
     grid = torch.full((len(layers), len(ts)), float('nan'))
     for (layer, t), v in results.items():
         grid[layers.index(layer), ts.index(t)] = v
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(ts), 1.0 + 0.45 * len(layers)))
+    import textwrap
+    width = max(4.5, 1.8 + 0.9 * len(ts))  # room for the title, wrapped to the figure's width
+    title = '\n'.join(textwrap.wrap(title, width=max(20, int(width * 9))))
+    fig, ax = plt.subplots(figsize=(width, 1.4 + 0.45 * len(layers) + 0.2 * title.count('\n')))
     im = ax.imshow(grid.numpy(), cmap='viridis', aspect='auto')
     ax.set_xticks(range(len(ts)), ['-' if t is None else f'{t:g}' for t in ts])
     ax.set_yticks(range(len(layers)), [str(v) for v in layers])
@@ -420,7 +423,7 @@ def plot_grid(results: Dict[GridKey, float], path: str, title: str = 'linear pro
                 bright = hi > lo and (v - lo) / (hi - lo) > 0.6  # viridis is light at the top: dark text there
                 ax.text(j, i, f'{v:.1f}', ha='center', va='center', color='k' if bright else 'w', fontsize=8)
     fig.colorbar(im, ax=ax)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

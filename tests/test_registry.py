@@ -68,3 +68,125 @@ def test_hubconf_exposes_every_model():
     hub = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hub)
     assert all(callable(getattr(hub, n)) for n in ALL)
+
+
+# -- timm's model contract, one small model of each family -------------------------------------------------------------
+
+SMALL_UNET = dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8, attn_resolutions=(16,),
+                  out_k=2)
+FAMILIES = {  # name, constructor arguments
+    'ldae merged': ('ldae_vit_tiny_patch4_32', dict(depth=2)),
+    'ldae conditional': ('ldae_vit_tiny_patch4_32', dict(depth=2, merged=False)),
+    'dit merged': ('dit_s_patch2_256', dict(depth=1, img_size=64)),
+    'dit conditional': ('dit_s_patch2_256', dict(depth=1, img_size=64, merged=False)),
+    'ddae unet': ('ddae_ddpm_cifar10_32', SMALL_UNET),
+}
+
+
+def _input(model, batch=2, seed=0):
+    c, h, w = model.pretrained_cfg['input_size']
+    return torch.randn(batch, c, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_created_on_meta_and_in_bfloat16(family):
+    name, kw = FAMILIES[family]
+    m = timm.create_model(name, device='meta', **kw)
+    assert {p.device.type for p in m.parameters()} == {'meta'}
+    m = timm.create_model(name, dtype=torch.bfloat16, **kw).eval()
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        y = m(_input(m).bfloat16())
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+    m.reset_classifier(5)  # the new head where the model is, in its dtype
+    assert m.get_classifier().weight.dtype == torch.bfloat16 and m(_input(m).bfloat16()).shape == (2, 5)
+    assert 'device' not in m._model_args and 'dtype' not in m._model_args
+
+
+def test_pretrained_weights_in_bfloat16_and_for_other_input_channels():
+    ref = timm.create_model('ldae_vit_tiny_patch4_32.cifar10', pretrained=True).eval()
+    x = _input(ref)
+    m = timm.create_model('ldae_vit_tiny_patch4_32.cifar10', pretrained=True, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        assert rel_err(m(x.bfloat16()).float(), ref(x)) < 2e-2  # bf16 rounding
+        gray = x[:, :1]
+        one = timm.create_model('ldae_vit_tiny_patch4_32.cifar10', pretrained=True, in_chans=1).eval()
+        # timm's adapt_input_conv sums the RGB filters: a gray image in 1 channel = the same image in 3
+        assert one.patch_embed.proj.weight.shape[1] == 1 and rel_err(one(gray), ref(gray.expand(-1, 3, -1, -1))) < 1e-4
+        four = timm.create_model('ldae_vit_tiny_patch4_32.cifar10', pretrained=True, in_chans=4, merged=False)
+        assert four.patch_embed.proj.weight.shape[1] == 4 and not four.tokenizer.fitted  # RGB's PCA does not apply
+        assert timm.create_model('ldae_vit_tiny_patch4_32.cifar10', pretrained=True, num_classes=7)(x).shape == (2, 7)
+
+
+def test_a_unet_checkpoint_for_one_input_channel(tmp_path):
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    m = timm.create_model('ddae_ddpm_cifar10_32', **SMALL_UNET).eval()
+    randomize_(m, std=0.05)
+    path = tmp_path / 'unet.safetensors'
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
+    one = timm.create_model('ddae_ddpm_cifar10_32', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                            in_chans=1, **SMALL_UNET).eval()
+    gray = _input(one)
+    assert one.conv_in.weight.shape[1] == 1
+    with torch.no_grad():  # the summed filters: a gray image in 1 channel = the same image in 3
+        a = one.forward_intermediates(gray, noisy_input=False, indices=[1], intermediates_only=True)[0]
+        b = m.forward_intermediates(gray.expand(-1, 3, -1, -1), noisy_input=False, indices=[1], intermediates_only=True)[0]
+    assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_forward_intermediates_final_is_forward_features_and_eval_is_deterministic(family):
+    name, kw = FAMILIES[family]
+    torch.manual_seed(0)
+    m = timm.create_model(name, **kw).eval()
+    randomize_(m, std=0.05)
+    x = _input(m)
+    with torch.no_grad():
+        final, inter = m.forward_intermediates(x)
+        assert torch.equal(final, m.forward_features(x)) and len(inter) == m.num_taps
+        assert torch.equal(m(x), m(x))  # eval mode: the same input, the same features (a UNet's noisy input too)
+
+
+def test_unet_timm_api_pool_size_global_pool_pruning_and_checkpointing():
+    torch.manual_seed(0)
+    m = timm.create_model('ddae_ddpm_cifar10_32', **SMALL_UNET)
+    randomize_(m, std=0.05)
+    x = _input(m)
+    assert m.pretrained_cfg['pool_size'] == tuple(m.forward_features(x).shape[-2:]) == (16, 16)
+    m.train()
+    assert not torch.equal(m(x), m(x))  # training: fresh noise each call (augmentation)
+    m.eval()
+    maps = timm.create_model('ddae_ddpm_cifar10_32', global_pool='', **SMALL_UNET)
+    assert maps(x).dim() == 4 and maps.pretrained_cfg['pool_size'] == (16, 16)
+    with pytest.raises(ValueError, match='a linear head needs pooled features'):
+        maps.reset_classifier(3)
+    m.reset_classifier(0, '')
+    assert m(x).shape == (2, 64, 16, 16)
+    m.reset_classifier(0, 'avg')
+    # gradient checkpointing: the same loss and gradients
+    m.train()
+    loss = m.forward(x, generator=torch.Generator().manual_seed(1)).square().sum()
+    loss.backward()
+    ref = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    m.set_grad_checkpointing(True)
+    m.forward(x, generator=torch.Generator().manual_seed(1)).square().sum().backward()
+    assert all(torch.allclose(p.grad, ref[n], rtol=1e-5, atol=1e-7) for n, p in m.named_parameters() if n in ref)
+    m.set_grad_checkpointing(False)
+    m.eval()
+    # pruning really prunes: what follows the last kept tap is gone, the kept taps are unchanged
+    before = sum(p.numel() for p in m.parameters())
+    with torch.no_grad():
+        keep = m.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    assert m.prune_intermediate_layers(indices=[0, 1]) == [0, 1]
+    assert sum(p.numel() for p in m.parameters()) < before and m.num_taps == 2 and m.conv_out is None
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(keep, m.forward_intermediates(x, indices=[0, 1],
+                                                                                   intermediates_only=True)))
+    with pytest.raises(ValueError, match='pruned after its last tap'):
+        m.denoise(x, 11)
+    # after pruning, every parameter takes part in forward
+    m.train()
+    m(x).square().sum().backward()
+    assert all(p.grad is not None for p in m.parameters())

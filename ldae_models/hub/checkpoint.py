@@ -143,6 +143,20 @@ def load_state_dict_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor]
     model.load_state_dict(state_dict, strict=False)
 
 
+def _adapt_first_conv(model: nn.Module, state: Dict[str, torch.Tensor], first_conv: Optional[str]
+                      ) -> Dict[str, torch.Tensor]:
+    """A model made for other input channels (``in_chans=1``, 4, ...) than its checkpoint: the first convolution's
+    weight adapted as timm does (``timm.models.adapt_input_conv``: summed to one channel, or repeated and rescaled)."""
+    key = f'{first_conv}.weight' if first_conv else None
+    if key is None or key not in state:
+        return state
+    mine = model.state_dict().get(key)
+    if mine is None or mine.dim() != 4 or mine.shape[1] == state[key].shape[1]:
+        return state
+    from timm.models import adapt_input_conv
+    return {**state, key: adapt_input_conv(mine.shape[1], state[key])}
+
+
 def load_pretrained(
         model: nn.Module,
         pretrained_cfg: Dict[str, Any],
@@ -164,6 +178,7 @@ def load_pretrained(
     state = unwrap_state_dict(state)
     if filter_fn is not None:
         state = filter_fn(state, model)
+    state = _adapt_first_conv(model, state, cfg.get('first_conv'))
     allow_missing: Tuple[str, ...] = ()
     classifier = cfg.get('classifier')
     if classifier and getattr(model, 'num_classes', None) != cfg.get('num_classes', getattr(model, 'num_classes', None)):

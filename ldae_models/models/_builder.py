@@ -33,7 +33,7 @@ __all__ = ['build_model', 'load_model', 'full_model', 'register_family', 'list_m
 
 # create_model keyword arguments that say where weights come from or how to wrap, not how to build the network
 NOT_MODEL_ARGS = ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'pretrained_model_args', 'features_only',
-                  'out_indices', 'feature_cls', 'vae', 'vae_sample')
+                  'out_indices', 'feature_cls', 'vae', 'vae_sample', 'device', 'dtype')
 # family name -> registered model names, in registration order
 _FAMILIES: Dict[str, List[str]] = {}
 _VARIANT: Dict[str, str] = {}  # registered name -> the variant it builds (an alias names another)
@@ -163,9 +163,22 @@ def build_model(
     """What every entrypoint does (see the module docstring).
 
     Keyword arguments beyond the model's own: ``merged`` (mergeable encoders; default True), ``noisy_input``,
-    ``vae`` / ``vae_sample`` (families whose ``input_stage`` takes a VAE), ``features_only``, ``out_indices``, ``cache_dir``.
+    ``vae`` / ``vae_sample`` (families whose ``input_stage`` takes a VAE), ``features_only``, ``out_indices``, ``cache_dir``,
+    and timm's ``device`` / ``dtype``: the model is built on ``device`` (parameters created there, weights loaded
+    there; ``'meta'`` builds no storage) and cast to ``dtype`` after the load and the merge.
     """
     call_args = {k: v for k, v in kwargs.items() if k not in NOT_MODEL_ARGS}
+    device, dtype = kwargs.pop('device', None), kwargs.pop('dtype', None)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = _build(cls, variant, pretrained, kwargs, filter_fn, input_stage, call_args)
+    if dtype is not None:  # after the load and the merge, which fold in float64 and float32
+        model = model.to(dtype=dtype)
+    return model
+
+
+def _build(cls: Type[nn.Module], variant: str, pretrained: bool, kwargs: Dict[str, Any],
+           filter_fn: Optional[FilterFn], input_stage: Optional[Callable[..., nn.Module]],
+           call_args: Dict[str, Any]) -> nn.Module:
     mergeable = hasattr(cls, 'merge')
     merged = kwargs.pop('merged', mergeable)
     if merged and not mergeable:
@@ -191,6 +204,8 @@ def build_model(
                          f'with the conditional encoder): pass merged=False with noisy_input=True')
     cfg = dict(base.pretrained_cfg)
     cfg['input_size'] = base.input_size() if hasattr(base, 'input_size') else cfg.get('input_size')
+    if hasattr(base, 'pool_size'):  # a model whose features are maps (a UNet's out_k)
+        cfg['pool_size'] = base.pool_size()
     if pretrained:
         load_pretrained(base, cfg, filter_fn=filter_fn, cache_dir=cache_dir)
     else:

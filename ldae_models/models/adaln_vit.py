@@ -337,7 +337,9 @@ class AdaLNViT(FeatureExtractor, nn.Module):
             if global_pool not in ('avg', ''):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        w = self.patch_embed.proj.weight  # the new head lives where the model does, in its dtype
+        self.head = (nn.Linear(self.embed_dim, num_classes, device=w.device, dtype=w.dtype) if num_classes > 0
+                     else nn.Identity())
 
     # -- merge -------------------------------------------------------------------------------------
     def vit_args(self) -> Dict[str, Any]:

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from timm.models import generate_default_cfgs
 from timm.models._features import FeatureInfo, feature_take_indices
 
@@ -219,8 +220,9 @@ class UNet(nn.Module):
                 up = Upsample(ch) if resample == 'conv' else res(ch, ch, 'up')
                 r *= 2
             self.up.append(_Level(blocks, up))
-        self.norm_out = nn.GroupNorm(norm_groups, ch, eps=norm_eps)
-        self.conv_out = nn.Conv2d(ch, out_chans, 3, padding=1)
+        self.norm_out: Optional[nn.Module] = nn.GroupNorm(norm_groups, ch, eps=norm_eps)
+        self.conv_out: Optional[nn.Module] = nn.Conv2d(ch, out_chans, 3, padding=1)
+        self.grad_checkpointing = False
 
     @property
     def decoder_blocks(self) -> List[ResAttBlock]:
@@ -239,23 +241,35 @@ class UNet(nn.Module):
         skips = [h]
         for level in self.down:
             for blk in level.blocks:
-                h = blk(h, temb)
+                h = self._block(blk, h, temb)
                 skips.append(h)
             if level.resample is not None:
                 h = level.resample(h, temb)
                 skips.append(h)
         for blk in self.mid:
-            h = blk(h, temb)
+            h = self._block(blk, h, temb)
         outs: List[torch.Tensor] = []
         for level in self.up:
             for blk in level.blocks:
-                h = blk(torch.cat([h, skips.pop()], dim=1), temb)
+                h = self._block(blk, torch.cat([h, skips.pop()], dim=1), temb)
                 outs.append(h)
                 if stop_after is not None and len(outs) > stop_after:
                     return None, outs
             if level.resample is not None:
                 h = level.resample(h, temb)
+        if self.conv_out is None:  # pruned after its last tap
+            return None, outs
         return self.conv_out(F.silu(self.norm_out(h))), outs
+
+    def _block(self, blk: nn.Module, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+            return checkpoint(blk, h, temb, use_reentrant=False)
+        return blk(h, temb)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward (less memory, more time)."""
+        self.grad_checkpointing = enable
 
     def input_size(self) -> Tuple[int, int, int]:
         return (self.in_chans, self.img_size, self.img_size)
@@ -269,6 +283,9 @@ class UNet(nn.Module):
             raise ValueError(f'expected {self.img_size}x{self.img_size} images, got {x.shape[-2]}x{x.shape[-1]}')
 
     def _denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.conv_out is None:
+            raise ValueError('this UNet was pruned after its last tap (prune_intermediate_layers): it no longer predicts '
+                             'noise; use the whole model (ldae_models.full_model) to denoise')
         x_in, t_in = self.schedule.network_input(x_t, t)
         return self._run(x_in, t_in)[0]
 
@@ -299,11 +316,20 @@ class DDAEUNet(FeatureExtractor, UNet):
             t: float = 11,                     # DDPM step (or EDM sigma) of the features
             noisy_input: bool = True,          # noise the input at t first (DDAE's protocol) or feed it as it is
             num_classes: int = 0,              # optional linear head on the pooled feature
+            global_pool: str = 'avg',          # 'avg' (mean over the map) or '' (forward returns the map)
+            noise_seed: int = 0,               # seeds the noisy input of an eval-mode forward (deterministic)
             **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        if global_pool == '' and num_classes > 0:
+            raise ValueError("a linear head needs pooled features: global_pool='' takes num_classes=0")
         self.noisy_input = noisy_input
+        self.global_pool = global_pool
+        self.noise_seed = noise_seed
         self.generator: Optional[torch.Generator] = None
+        self.kept_blocks: Optional[int] = None  # set by prune_intermediate_layers
         K = len(self.block_info)
         if not 1 <= out_k <= K:
             raise ValueError(f'out_k must be in [1, {K}] (DDAE numbers decoder blocks from 1), got {out_k}')
@@ -347,17 +373,51 @@ class DDAEUNet(FeatureExtractor, UNet):
             raise ValueError(f"a UNet's intermediates are feature maps: output_fmt must be 'NCHW', got {output_fmt!r}")
         x = self.encode_input(x)
         t = self.schedule.timesteps(self.t if t is None else t, x.shape[0], x.device)
-        take, max_index = feature_take_indices(len(self.block_info), indices)
+        take, max_index = feature_take_indices(self.num_taps, indices)
         if self.noisy_input if noisy_input is None else noisy_input:
-            x = self.noise_input(x, t, generator=generator or self.generator)[0]
+            x = self.noise_input(x, t, generator=self._noise_generator(x, generator))[0]
         x_in, t_in = self.schedule.network_input(x, t)
-        _, outs = self._run(x_in, t_in, stop_after=max_index if (stop_early or intermediates_only) else None)
+        tap = self.out_k - 1
+        stop = max_index if intermediates_only else max(max_index, tap)
+        _, outs = self._run(x_in, t_in, stop_after=stop)
         inter = [outs[i] for i in take]
-        return inter if intermediates_only else (outs[-1], inter)
+        return inter if intermediates_only else (outs[tap], inter)  # the final map is the tapped one
+
+    def _noise_generator(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> Optional[torch.Generator]:
+        """The generator of the noisy input: the one given, else the model's; in eval mode without either, a fresh one
+        seeded by ``noise_seed``, so that an eval-mode forward of the same batch gives the same features."""
+        generator = generator or self.generator
+        if generator is None and not self.training:
+            generator = torch.Generator(x.device).manual_seed(self.noise_seed)
+        return generator
+
+    def pool_size(self) -> Tuple[int, int]:
+        """(h, w) of the map ``forward_features`` returns (the ``out_k`` block's), for the pretrained cfg."""
+        r = self.block_info[self.out_k - 1]['resolution']
+        return (r, r)
+
+    @property
+    def num_taps(self) -> int:
+        return len(self.block_info) if self.kept_blocks is None else self.kept_blocks
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
-        take, _ = feature_take_indices(len(self.block_info), indices)
+        """Keep the decoder up to the last block of ``indices`` (and ``out_k``): the later decoder blocks, their
+        upsamplers and the output layers are deleted, so the model no longer predicts noise (``denoise``)."""
+        take, max_index = feature_take_indices(self.num_taps, indices)
+        keep = max(max_index, self.out_k - 1) + 1
+        seen = 0
+        for level in self.up:
+            n = len(level.blocks)
+            if seen + n > keep:
+                del level.blocks[max(0, keep - seen):]
+            if seen + n >= keep:
+                level.resample = None
+            seen += n
+        self.up = nn.ModuleList([lv for lv in self.up if len(lv.blocks)])
+        self.norm_out = self.conv_out = None
+        self.kept_blocks = keep
+        self.feature_info = self.feature_info[:keep]
         if prune_head:
             self.reset_classifier(0)
         return take
@@ -369,7 +429,8 @@ class DDAEUNet(FeatureExtractor, UNet):
                                           generator=generator)[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(-2, -1))
+        if self.global_pool == 'avg':
+            x = x.mean(dim=(-2, -1))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor, t: TimestepLike = None, generator: Optional[torch.Generator] = None
@@ -380,8 +441,17 @@ class DDAEUNet(FeatureExtractor, UNet):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new head of ``num_classes`` (0: none) on the model's device and dtype; ``global_pool`` 'avg' or ''."""
+        if global_pool is not None:
+            if global_pool not in ('avg', ''):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        if self.global_pool == '' and num_classes > 0:
+            raise ValueError("a linear head needs pooled features: global_pool='' takes num_classes=0")
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        w = self.conv_in.weight
+        self.head = (nn.Linear(self.num_features, num_classes, device=w.device, dtype=w.dtype) if num_classes > 0
+                     else nn.Identity())
 
     def features_only_net(self, out_indices: Optional[Sequence[int]]) -> nn.Module:
         return DecoderFeatures(self, out_indices=(1, 3, 5, 7) if out_indices is None else out_indices)

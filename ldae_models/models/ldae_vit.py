@@ -368,6 +368,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
             and pos.shape[-1] == own.shape[-1] and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
         # a square grid of the same width: resample (anything else is left for the strict load to report)
         state_dict['pos_embed'] = resample_abs_pos_embed(pos, new_size=model.patch_embed.grid_size, num_prefix_tokens=0)
+    conv = state_dict.get('patch_embed.proj.weight')
+    tok = getattr(model, 'tokenizer', None)
+    if conv is not None and tok is not None and conv.dim() == 4 and conv.shape[1] != model.in_chans:
+        # another in_chans (the first convolution is adapted by the loader): the PCA basis of the checkpoint's patches
+        # does not apply to these, so the tokenizer stays unfitted (no latent noise; clean features are unaffected)
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('tokenizer.')}
+        state_dict.update({f'tokenizer.{k}': v for k, v in tok.state_dict().items()})
     return state_dict
 
 
