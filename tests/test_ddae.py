@@ -49,7 +49,7 @@ def decoder_outputs(unet, x, t):
 def test_matches_diffusers_unet2dmodel(which):
     cfg, kw = (GOOGLE_CFG, {}) if which == 'google' else (SMALL_CFG, SMALL)
     ref = diffusers_unet(cfg)
-    model = timm.create_model('ddae_ddpm_cifar10_32', **kw).eval()
+    model = timm.create_model('ddae_ddpm_cifar10_32', tap_only=False, **kw).eval()
     ldae_models.hub.load_state_dict_strict(model, unet_diffusers_to_ddae(ref.state_dict()))
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([11, 730])
     pred, outs = decoder_outputs(ref, x, t)
@@ -70,7 +70,7 @@ def test_old_diffusers_attention_names_convert_too():
             k = k.replace(f'.{new}.', f'.{legacy}.')
         old[k] = v
     assert any('.query.' in k for k in old)
-    model = timm.create_model('ddae_ddpm_cifar10_32', **SMALL).eval()
+    model = timm.create_model('ddae_ddpm_cifar10_32', tap_only=False, **SMALL).eval()
     ldae_models.hub.load_state_dict_strict(model, unet_diffusers_to_ddae(old))
     x, t = torch.randn(1, 3, 32, 32), torch.tensor([5])
     with torch.no_grad():
@@ -79,10 +79,12 @@ def test_old_diffusers_attention_names_convert_too():
 
 def test_parameter_counts():
     with torch.device('meta'):
-        ddpm = timm.create_model('ddae_ddpm_cifar10_32')
-        ddpmpp = timm.create_model('ddae_ddpmpp_cifar10_32')
+        ddpm = timm.create_model('ddae_ddpm_cifar10_32', tap_only=False)
+        ddpmpp = timm.create_model('ddae_ddpmpp_cifar10_32', tap_only=False)
+        tapped = timm.create_model('ddae_ddpm_cifar10_32')  # the extractor: the decoder up to out_6
     assert sum(p.numel() for p in ddpm.parameters()) == 35_746_307  # Ho et al.'s 35.7M
     assert sum(p.numel() for p in ddpmpp.parameters()) == 56_524_291  # DDAE's 56.5M
+    assert sum(p.numel() for p in tapped.parameters()) == 26_206_848 and tapped.num_taps == 6
     assert ddpm.block_info[5] == dict(num_chs=256, resolution=8, reduction=4)  # out_6: 8x8, 256 channels
     assert ddpm.out_k == 6 and ddpm.t == 11 and ddpm.num_features == 256
 
@@ -96,14 +98,20 @@ def test_pretrained_tag_from_offline_cache(tmp_path):
     assert cfg.hf_hub_id == 'google/ddpm-cifar10-32' and cfg.license == 'apache-2.0'
     assert 'ddae_ddpm_cifar10_32.google' in timm.list_pretrained('ddae*')
     model = timm.create_model('ddae_ddpm_cifar10_32.google', pretrained=True, cache_dir=str(tmp_path / 'hf'),
-                              **SMALL).eval()
+                              tap_only=False, **SMALL).eval()
+    tapped = timm.create_model('ddae_ddpm_cifar10_32.google', pretrained=True, cache_dir=str(tmp_path / 'hf'),
+                               **SMALL).eval()  # the checkpoint's decoder past the tap is left out, the rest strict
+    with torch.no_grad():
+        xx = torch.randn(2, 3, 32, 32)
+        assert torch.equal(tapped(xx), model(xx))
     x, t = torch.randn(1, 3, 32, 32), torch.tensor([11])
     with torch.no_grad():
         assert rel_err(model.denoise(x, t), ref(x, t).sample) < TOL
 
 
 def small_model(seed=0, **kw):
-    return randomize_(timm.create_model('ddae_ddpm_cifar10_32', **{**SMALL, **kw}), seed, std=0.05).eval()
+    return randomize_(timm.create_model('ddae_ddpm_cifar10_32', **{**SMALL, 'tap_only': False, **kw}), seed,
+                      std=0.05).eval()
 
 
 def test_features_default_and_noise_is_seeded():
@@ -144,7 +152,8 @@ def test_grid_equals_separate_calls():
 
 
 def test_features_only():
-    m = timm.create_model('ddae_ddpm_cifar10_32', features_only=True, out_indices=(2, 5, 8, 11))
+    m = timm.create_model('ddae_ddpm_cifar10_32', features_only=True, out_indices=(2, 5, 8, 11), tap_only=False)
+    assert timm.create_model('ddae_ddpm_cifar10_32', features_only=True).out_indices == (1, 3, 5)  # up to out_6
     feats = m(torch.randn(1, 3, 32, 32))
     assert [f.shape[1:] for f in feats] == [(256, 4, 4), (256, 8, 8), (256, 16, 16), (128, 32, 32)]
     assert m.feature_info.channels() == [256, 256, 256, 128]

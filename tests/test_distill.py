@@ -152,7 +152,7 @@ def test_a_killed_distillation_resumes_exactly(folder, teacher, tmp_path, amp):
     assert 'baseline.value' in load_file(str(tmp_path / 'cut' / 'distill' / 'model.safetensors'))
 
 
-@pytest.mark.parametrize('amp', ['off', 'bf16'])
+@pytest.mark.parametrize('amp', ['off', pytest.param('bf16', marks=pytest.mark.slow)])  # bf16: a bound, not exactness
 def test_two_processes_equal_one(folder, teacher, tmp_path, amp):
     """torchrun with 2 processes gives the weights of 1 process with the same global batch (a student without batch
     norm, whose statistics would differ per process): the draws, the policy, the baseline and the unused head agree.

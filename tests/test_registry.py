@@ -175,7 +175,18 @@ def test_unet_timm_api_pool_size_global_pool_pruning_and_checkpointing():
     assert all(torch.allclose(p.grad, ref[n], rtol=1e-5, atol=1e-7) for n, p in m.named_parameters() if n in ref)
     m.set_grad_checkpointing(False)
     m.eval()
+    # the extractor timm creates keeps the decoder up to its tap: every parameter takes part in forward (DDP needs no
+    # find_unused_parameters), and the whole UNet is one argument away
+    whole = timm.create_model('ddae_ddpm_cifar10_32', tap_only=False, **SMALL_UNET)
+    assert m.num_taps == 2 and whole.num_taps == 4 and m.conv_out is None and whole.conv_out is not None
+    m.train()
+    m(x).square().sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+    whole.train()
+    whole(x).square().sum().backward()
+    assert any(p.grad is None for p in whole.parameters())  # its decoder past the tap takes no part
     # pruning really prunes: what follows the last kept tap is gone, the kept taps are unchanged
+    m = whole.eval()
     before = sum(p.numel() for p in m.parameters())
     with torch.no_grad():
         keep = m.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
@@ -186,7 +197,68 @@ def test_unet_timm_api_pool_size_global_pool_pruning_and_checkpointing():
                                                                                    intermediates_only=True)))
     with pytest.raises(ValueError, match='pruned after its last tap'):
         m.denoise(x, 11)
-    # after pruning, every parameter takes part in forward
-    m.train()
-    m(x).square().sum().backward()
-    assert all(p.grad is not None for p in m.parameters())
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_torch_fx_and_torchscript(family):
+    """The merged encoders (l-DAE and DiT) trace with torch.fx, give timm's fx features_only, and script with
+    TorchScript, each equal to eager; the conditional encoders and the UNets refuse feature_cls='fx' naming why."""
+    import warnings
+    name, kw = FAMILIES[family]
+    torch.manual_seed(0)
+    m = timm.create_model(name, **kw).eval()
+    randomize_(m, std=0.05)
+    x = _input(m)
+    if not getattr(m, 'fx_traceable', False):
+        with pytest.raises(ValueError, match="feature_cls='fx' needs a model torch.fx can trace; .* cannot: "):
+            timm.create_model(name, features_only=True, feature_cls='fx', **kw)
+        return
+    with torch.no_grad():
+        ref = m(x)
+        assert torch.equal(torch.fx.symbolic_trace(m)(x), ref)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # TorchScript's deprecation notice
+            assert torch.allclose(torch.jit.script(m)(x), ref, rtol=1e-5, atol=1e-6)
+        feats = timm.create_model(name, features_only=True, feature_cls='fx', out_indices=(0,), **kw).eval()
+        feats.load_state_dict({f'graph_module.{k}': v for k, v in m.state_dict().items()
+                               if f'graph_module.{k}' in feats.state_dict()})
+        expected = m.forward_intermediates(x, indices=[0], intermediates_only=True, output_fmt='NLC')
+        assert torch.equal(feats(x)[0], expected[0])
+    with pytest.raises(ValueError, match='expected'):  # eager calls still name a bad input
+        m(torch.randn(1, x.shape[1], x.shape[2] + 1, x.shape[3]))
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_every_parameter_gets_a_gradient_and_checkpointing_changes_nothing(family):
+    name, kw = FAMILIES[family]
+    torch.manual_seed(0)
+    m = timm.create_model(name, **kw).train()
+    randomize_(m, std=0.05)
+    x = _input(m)
+
+    def grads(gen_seed=1):
+        m.zero_grad()
+        extra = {} if m.fixed_t else dict(generator=torch.Generator().manual_seed(gen_seed))
+        m(x, **extra).square().sum().backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    ref = grads()
+    assert set(ref) == {n for n, _ in m.named_parameters()}  # none left without a gradient (DDP as is)
+    m.set_grad_checkpointing(True)
+    got = grads()
+    assert all(torch.allclose(got[n], ref[n], rtol=1e-5, atol=1e-7) for n in ref)
+
+
+def test_dit_checkpoint_for_other_input_channels(tmp_path):
+    from safetensors.torch import save_file
+    kw = dict(depth=1, img_size=32)
+    torch.manual_seed(0)
+    m = timm.create_model('dit_s_patch2_256', merged=False, **kw).eval()
+    randomize_(m, std=0.05)
+    path = tmp_path / 'dit.safetensors'
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
+    one = timm.create_model('dit_s_patch2_256', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                            in_chans=1, **kw).eval()  # merged, from a conditional file, first conv adapted
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert one.patch_embed.proj.weight.shape[1] == 1 and rel_err(one(x), m(x.expand(-1, 4, -1, -1))) < 1e-4

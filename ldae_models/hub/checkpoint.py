@@ -153,8 +153,15 @@ def _adapt_first_conv(model: nn.Module, state: Dict[str, torch.Tensor], first_co
     mine = model.state_dict().get(key)
     if mine is None or mine.dim() != 4 or mine.shape[1] == state[key].shape[1]:
         return state
+    import inspect
     from timm.models import adapt_input_conv
-    return {**state, key: adapt_input_conv(mine.shape[1], state[key])}
+    theirs = state[key]
+    if 'base_chans' in inspect.signature(adapt_input_conv).parameters:  # timm >= 1.0.2x: any checkpoint channels
+        return {**state, key: adapt_input_conv(mine.shape[1], theirs, base_chans=theirs.shape[1])}
+    if theirs.shape[1] != 3:
+        raise CheckpointMismatchError(f'{key}: adapting a {theirs.shape[1]}-channel first convolution to '
+                                      f'{mine.shape[1]} channels needs a newer timm (adapt_input_conv with base_chans)')
+    return {**state, key: adapt_input_conv(mine.shape[1], theirs)}
 
 
 def load_pretrained(

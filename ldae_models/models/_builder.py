@@ -186,7 +186,7 @@ def _build(cls: Type[nn.Module], variant: str, pretrained: bool, kwargs: Dict[st
     features_only = kwargs.pop('features_only', False)
     out_indices = kwargs.pop('out_indices', None)
     cache_dir = kwargs.pop('cache_dir', None)
-    kwargs.pop('feature_cls', None)  # features come from forward_intermediates (timm's 'getter')
+    feature_cls = kwargs.pop('feature_cls', None)  # 'getter' (default: forward_intermediates) or 'fx'
     vae = kwargs.pop('vae', None)
     vae_sample = kwargs.pop('vae_sample', False)
     noisy_input = kwargs.pop('noisy_input', None)  # None: the model's own default
@@ -219,15 +219,31 @@ def _build(cls: Type[nn.Module], variant: str, pretrained: bool, kwargs: Dict[st
         model = stage(model, noisy_input=noisy_input, vae=vae, vae_sample=vae_sample)
     model._model_args = {**call_args, 'merged': merged}
     if features_only:
-        model = features_only_net(model, out_indices)
+        model = features_only_net(model, out_indices, feature_cls)
+    elif feature_cls is not None:
+        raise ValueError(f'{variant}: feature_cls={feature_cls!r} is for features_only=True')
     return model
 
 
-def features_only_net(model: nn.Module, out_indices: Any) -> nn.Module:
-    """timm's ``features_only`` form: the model's own (a UNet's decoder maps), else timm's getter on
-    ``forward_intermediates``."""
+def features_only_net(model: nn.Module, out_indices: Any, feature_cls: Optional[str] = None) -> nn.Module:
+    """timm's ``features_only`` form. ``feature_cls`` None or ``'getter'``: the model's own (a UNet's decoder maps),
+    else timm's getter on ``forward_intermediates`` (NCHW maps). ``'fx'``: timm's graph extractor on a torch.fx trace,
+    for the models fx can trace (the merged encoders: their blocks' token outputs, (B, N, C)); the others refuse it
+    with the reason."""
     cfg = model.pretrained_cfg
-    if hasattr(model, 'features_only_net'):
+    if feature_cls not in (None, 'getter', 'fx'):
+        raise ValueError(f"feature_cls={feature_cls!r} is not available for {type(model).__name__}: use 'getter' "
+                         f"(the default, from forward_intermediates) or 'fx'")
+    if feature_cls == 'fx':
+        if not getattr(model, 'fx_traceable', False):
+            raise ValueError(f"feature_cls='fx' needs a model torch.fx can trace; {type(model).__name__} cannot: "
+                             + getattr(model, 'fx_reason', 'its forward branches on values in Python')
+                             + " (use the default feature_cls='getter', or merged=True where the family has it)")
+        from timm.models._features import feature_take_indices
+        from timm.models._features_fx import FeatureGraphNet
+        take, _ = feature_take_indices(len(model.blocks), 3 if out_indices is None else out_indices)
+        net = FeatureGraphNet(model, out_indices=tuple(take))
+    elif hasattr(model, 'features_only_net'):
         net = model.features_only_net(out_indices)
     else:
         net = FeatureGetterNet(model, out_indices=3 if out_indices is None else out_indices, output_fmt='NCHW')

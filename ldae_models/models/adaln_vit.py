@@ -32,6 +32,12 @@ from .extractor import FeatureExtractor
 __all__ = ['AdaLNViT', 'MergedViT']
 
 
+def _is_fx_tracing() -> bool:
+    """Whether torch.fx is tracing (shape checks in Python would branch on traced values)."""
+    from torch.fx import _symbolic_trace as fx
+    return (getattr(fx, 'is_fx_symbolic_tracing', None) or fx.is_fx_tracing)()
+
+
 def _tokens_to_maps(tokens: List[torch.Tensor], grid: Tuple[int, int]) -> List[torch.Tensor]:
     """[(B, N, C)] -> [(B, C, h, w)]."""
     h, w = grid
@@ -47,6 +53,10 @@ class MergedViT(FeatureExtractor, VisionTransformer):
     """
 
     fixed_t = True
+    fx_traceable = True  # forward is timm's ViT's: torch.fx traces it, TorchScript scripts it
+    # plain Python attributes that TorchScript must not try to compile (the encoder contract uses them, forward not)
+    __jit_ignored_attributes__ = ['schedule', 'vit_args', 'input_hint', 'noise_ok', 'pretrained_cfg', 'default_cfg',
+                                  '_model_args']
 
     def __init__(self, vit_args: Dict[str, Any], t: float, schedule: NoiseSchedule, noise_ok: bool,
                  input_hint: str = '') -> None:
@@ -67,8 +77,12 @@ class MergedViT(FeatureExtractor, VisionTransformer):
             raise ValueError(f'expected {h}x{w} inputs, got {images.shape[-2]}x{images.shape[-1]}{self.input_hint}')
         return images
 
-    def forward_features(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return super().forward_features(self.encode_input(x), *args, **kwargs)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Eager calls check the input with a message that names the problem (timm's ViT asserts). The check lives
+        # here, not in forward, so that forward is timm's own: torch.fx traces it and TorchScript scripts it.
+        if args and torch.is_tensor(args[0]) and not _is_fx_tracing():
+            self.encode_input(args[0])
+        return super().__call__(*args, **kwargs)
 
     def noise_input(self, x: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None,
                     generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +126,9 @@ class AdaLNViT(FeatureExtractor, nn.Module):
     """
 
     default_t = 10.0  # the paper's transfer t (l-DAE); DiTEncoder uses DDAE's 121
+    fx_traceable = False
+    fx_reason = ('the conditional encoder checks its input and its t in Python (a t out of range is refused with a '
+                 'message), which a symbolic trace cannot follow')
 
     def __init__(
             self,

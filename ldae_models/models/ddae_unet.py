@@ -309,6 +309,10 @@ class UNet(nn.Module):
 class DDAEUNet(FeatureExtractor, UNet):
     """A UNet used as a DDAE feature extractor: pooled ``out_k`` features at a fixed noise level."""
 
+    fx_traceable = False
+    fx_reason = ('a DDAE UNet checks its input and t in Python and draws its noisy input from a generator; its '
+                 'features_only form gives its decoder maps without a trace')
+
     def __init__(
             self,
             *args: Any,
@@ -318,6 +322,8 @@ class DDAEUNet(FeatureExtractor, UNet):
             num_classes: int = 0,              # optional linear head on the pooled feature
             global_pool: str = 'avg',          # 'avg' (mean over the map) or '' (forward returns the map)
             noise_seed: int = 0,               # seeds the noisy input of an eval-mode forward (deterministic)
+            tap_only: bool = True,             # keep the decoder up to out_k only (what forward uses); False: the
+                                               # whole UNet (denoise, taps past out_k), as full_model builds it
             **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -340,6 +346,9 @@ class DDAEUNet(FeatureExtractor, UNet):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = [dict(module=f'decoder_blocks.{i}', num_chs=b['num_chs'], reduction=b['reduction'])
                              for i, b in enumerate(self.block_info)]
+        self.pruned_prefixes: List[str] = []  # the state-dict prefixes of what pruning removed
+        if tap_only:
+            self._prune_after(out_k - 1)
 
     # -- the encoder contract ----------------------------------------------------------------------------------
     @property
@@ -396,6 +405,12 @@ class DDAEUNet(FeatureExtractor, UNet):
         r = self.block_info[self.out_k - 1]['resolution']
         return (r, r)
 
+    def _layers_hint(self) -> str:
+        if not self.pruned_prefixes:
+            return ''
+        return (f'; this extractor keeps the decoder up to its tap (out_k={self.out_k}): create it with tap_only=False '
+                f'(ldae_models.full_model; on the command line --full) for the later blocks')
+
     @property
     def num_taps(self) -> int:
         return len(self.block_info) if self.kept_blocks is None else self.kept_blocks
@@ -405,22 +420,29 @@ class DDAEUNet(FeatureExtractor, UNet):
         """Keep the decoder up to the last block of ``indices`` (and ``out_k``): the later decoder blocks, their
         upsamplers and the output layers are deleted, so the model no longer predicts noise (``denoise``)."""
         take, max_index = feature_take_indices(self.num_taps, indices)
-        keep = max(max_index, self.out_k - 1) + 1
-        seen = 0
-        for level in self.up:
-            n = len(level.blocks)
-            if seen + n > keep:
-                del level.blocks[max(0, keep - seen):]
-            if seen + n >= keep:
-                level.resample = None
-            seen += n
-        self.up = nn.ModuleList([lv for lv in self.up if len(lv.blocks)])
-        self.norm_out = self.conv_out = None
-        self.kept_blocks = keep
-        self.feature_info = self.feature_info[:keep]
+        self._prune_after(max(max_index, self.out_k - 1))
         if prune_head:
             self.reset_classifier(0)
         return take
+
+    def _prune_after(self, last: int) -> None:
+        """Delete what runs after decoder block ``last`` (0-based): later blocks, upsamplers, the output layers."""
+        keep, seen = last + 1, 0
+        for i, level in enumerate(self.up):
+            n = len(level.blocks)
+            if seen + n > keep:
+                self.pruned_prefixes += [f'up.{i}.blocks.{j}.' for j in range(max(0, keep - seen), n)]
+                del level.blocks[max(0, keep - seen):]
+            if seen + n >= keep and level.resample is not None:
+                self.pruned_prefixes.append(f'up.{i}.resample.')
+                level.resample = None
+            seen += n
+        self.up = nn.ModuleList([lv for lv in self.up if len(lv.blocks)])  # a suffix of levels: indices unchanged
+        if self.conv_out is not None:
+            self.pruned_prefixes += ['norm_out.', 'conv_out.']
+        self.norm_out = self.conv_out = None
+        self.kept_blocks = keep
+        self.feature_info = self.feature_info[:keep]
 
     def forward_features(self, x: torch.Tensor, t: TimestepLike = None, generator: Optional[torch.Generator] = None
                          ) -> torch.Tensor:
@@ -454,7 +476,8 @@ class DDAEUNet(FeatureExtractor, UNet):
                      else nn.Identity())
 
     def features_only_net(self, out_indices: Optional[Sequence[int]]) -> nn.Module:
-        return DecoderFeatures(self, out_indices=(1, 3, 5, 7) if out_indices is None else out_indices)
+        default = tuple(range(self.num_taps))[1::2]  # every other decoder block up to the tap (1, 3, 5 for out_6)
+        return DecoderFeatures(self, out_indices=default if out_indices is None else out_indices)
 
 
 class DecoderFeatureInfo(FeatureInfo):
@@ -468,7 +491,7 @@ class DecoderFeatureInfo(FeatureInfo):
 class DecoderFeatures(nn.Module):
     """``features_only`` for a DDAE UNet: the feature maps of the decoder blocks ``out_indices`` (0-based)."""
 
-    def __init__(self, model: DDAEUNet, out_indices: Sequence[int] = (1, 3, 5, 7)) -> None:
+    def __init__(self, model: DDAEUNet, out_indices: Sequence[int] = (1, 3, 5)) -> None:
         super().__init__()
         take, _ = feature_take_indices(len(model.block_info), list(out_indices))
         model.reset_classifier(0)
@@ -527,7 +550,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     """An unwrapped state dict (DDAE's ``{'MODEL', 'EMA', 'opt'}`` unwraps to its EMA) in diffusers' ``UNet2DModel``
     layout or ours -> ours."""
     if any(k.startswith(('down_blocks.', 'mid_block.')) for k in state_dict):
-        return unet_diffusers_to_ddae(state_dict)
+        state_dict = unet_diffusers_to_ddae(state_dict)
+    pruned = tuple(getattr(model, 'pruned_prefixes', ()))
+    if pruned:  # a tapped extractor: the checkpoint's decoder past the tap is not part of it
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(pruned)}
     return state_dict
 
 
@@ -569,8 +595,10 @@ default_cfgs = generate_default_cfgs({
 })
 
 def create_unet(name: str, pretrained: bool = False, checkpoint: Optional[str] = None, **kwargs: Any) -> DDAEUNet:
-    """The whole UNet of ``name`` (the extractor is the whole model), optionally with weights."""
+    """The whole UNet of ``name`` (every decoder block, the noise prediction: ``denoise``, training), optionally with
+    weights; ``timm.create_model`` gives the extractor, which keeps the decoder up to its tap."""
     from ._builder import load_model
+    kwargs.setdefault('tap_only', False)
     return load_model(name, pretrained=pretrained or bool(checkpoint), checkpoint=checkpoint, **kwargs)
 
 

@@ -93,8 +93,12 @@ class FeatureExtractor:
         for layer in given:
             if not isinstance(layer, int) or not -n <= layer < n:
                 raise ValueError(f'layer {layer!r} is out of range for {type(self).__name__} with {n} tappable layers '
-                                 f'(0..{n - 1}, or negative from the last)')
+                                 f'(0..{n - 1}, or negative from the last){self._layers_hint()}')
         return given, [layer % n for layer in given]
+
+    def _layers_hint(self) -> str:
+        """Appended to the out-of-range error (a tapped UNet says how to get its later blocks)."""
+        return ''
 
     def resolve_ts(self, ts: TimestepSpec) -> List[Optional[float]]:
         """Checked timesteps as Python floats (None: the model's default t); validated here, once."""
