@@ -6,12 +6,14 @@ Two files are compared: a JPEG re-encoding of the whole CIFAR-10 (``--jpeg-npz``
 version (the nearest image of its class by mean absolute error; the gap to the second nearest is reported, so that a
 wrong match would show), then, for one checkpoint at (block, t):
 
-- ``probe_10k``: a linear probe (the zoo's L-BFGS probe, standardised features) fitted on ``--train-images`` JPEG
-  train images, evaluated on the exact test images and on their JPEG versions: top-1 on both, and how many
-  predictions agree;
+- ``probe_10k``: a linear probe (the zoo's L-BFGS probe) fitted on ``--train-images`` JPEG train images, evaluated
+  on the exact test images and on their JPEG versions: top-1 on both, and how many predictions agree (also with a
+  penalty of 1e-4);
 - ``probe_500``: a probe fitted on the 500 exact train images and tested on the 100 exact test images, against the
   same fitted on the 500 JPEG versions and tested on the 100 JPEG versions;
-- the relative difference of the features of the exact and the JPEG versions.
+- the relative difference of the features of the exact and the JPEG versions;
+
+each for the checkpoint and for the floors: a randomly initialised network of its shape and the raw pixels.
 
     python benchmarks/bench_exact_pixels.py --jpeg-npz cifar10-jpeg.npz --exact-npz cifar10-tiny-exact.npz \\
         --out runs/exact_pixels.json
@@ -26,7 +28,7 @@ import torch
 from ldae_models.data import ImageData, load_split
 from ldae_models.features import dataset_features
 from ldae_models.models import load_model
-from ldae_models.probe import fit_linear_probe, write_json
+from ldae_models.probe import fit_linear_probe, pixel_features, random_counterpart, write_json
 
 
 def match(exact: ImageData, jpeg: ImageData):
@@ -58,8 +60,9 @@ def main() -> None:
     model = load_model(args.model, merged=False).eval()
     t = model.t if args.t is None else args.t
     res = dict(model=args.model, layer=args.layer, t=t)
-    feats = lambda d, seed=0: next(iter(dataset_features(model, d, layers=[args.layer], ts=[t], seed=seed,  # noqa
-                                                          progress=False).values()))
+    def feats(m, d):
+        kw = dict(layers=[args.layer], ts=[t]) if m is model else dict(layers=[args.layer])
+        return next(iter(dataset_features(m, d, progress=False, **kw).values()))
     split = {}
     for name in ('train', 'test'):
         exact = load_split('npz', args.exact_npz, name)
@@ -72,21 +75,30 @@ def main() -> None:
                                     distinct=len(set(idx.tolist())) == len(idx))
         split[name] = (exact, ImageData(jpeg.images[idx], jpeg.labels[idx], jpeg.classes), jpeg)
     (ex_tr, jp_tr, jpeg_train), (ex_te, jp_te, _) = split['train'], split['test']
-    f = {k: feats(d) for k, d in dict(ex_tr=ex_tr, jp_tr=jp_tr, ex_te=ex_te, jp_te=jp_te).items()}
-    res['feature_rel_diff'] = round(((f['ex_te'] - f['jp_te']).norm(dim=1) / f['ex_te'].norm(dim=1)).mean().item(), 4)
     sub = jpeg_train.subset(args.train_images, seed=0)
-    ftr = feats(sub)
     top1 = lambda pred: round((pred == ex_te.labels).float().mean().item() * 100, 2)  # noqa: E731
-    for wd in (0.0, 1e-4):
-        head = fit_linear_probe(ftr, sub.labels, f['ex_te'], ex_te.labels, weight_decay=wd)['head']
-        with torch.no_grad():
-            pred_ex, pred_jp = head(f['ex_te']).argmax(1), head(f['jp_te']).argmax(1)
-        res['probe_10k' if wd == 0 else 'probe_10k_wd1e-4'] = dict(
-            train=len(sub), test=len(ex_te), weight_decay=wd, exact_top1=top1(pred_ex), jpeg_top1=top1(pred_jp),
-            agreement=round((pred_ex == pred_jp).float().mean().item() * 100, 2))
-    a = fit_linear_probe(f['ex_tr'], ex_tr.labels, f['ex_te'], ex_te.labels)
-    b = fit_linear_probe(f['jp_tr'], jp_tr.labels, f['jp_te'], jp_te.labels)
-    res['probe_500'] = dict(train=len(ex_tr), test=len(ex_te), exact_top1=a['top1'], jpeg_top1=b['top1'])
+    # the checkpoint, and the floors of every table: a random network of its shape, the raw pixels
+    rand = random_counterpart(model, seed=0).eval()
+    extractors = {
+        'model': lambda d: feats(model, d),
+        'random_same_shape': lambda d: feats(rand, d),
+        'raw_pixels': lambda d: pixel_features(d),
+    }
+    for name, fx in extractors.items():
+        f = {k: fx(d) for k, d in dict(ex_tr=ex_tr, jp_tr=jp_tr, ex_te=ex_te, jp_te=jp_te, tr=sub).items()}
+        row = dict(feature_rel_diff=round(((f['ex_te'] - f['jp_te']).norm(dim=1) / f['ex_te'].norm(dim=1)).mean().item(),
+                                          4))
+        for wd in (0.0, 1e-4):
+            head = fit_linear_probe(f['tr'], sub.labels, f['ex_te'], ex_te.labels, weight_decay=wd)['head']
+            with torch.no_grad():
+                pred_ex, pred_jp = head(f['ex_te']).argmax(1), head(f['jp_te']).argmax(1)
+            row['probe_10k' if wd == 0 else 'probe_10k_wd1e-4'] = dict(
+                train=len(sub), test=len(ex_te), weight_decay=wd, exact_top1=top1(pred_ex), jpeg_top1=top1(pred_jp),
+                agreement=round((pred_ex == pred_jp).float().mean().item() * 100, 2))
+        a = fit_linear_probe(f['ex_tr'], ex_tr.labels, f['ex_te'], ex_te.labels)
+        b = fit_linear_probe(f['jp_tr'], jp_tr.labels, f['jp_te'], jp_te.labels)
+        row['probe_500'] = dict(train=len(ex_tr), test=len(ex_te), exact_top1=a['top1'], jpeg_top1=b['top1'])
+        res[name] = row
     res['seconds'] = round(time.time() - t0, 1)
     print(json.dumps(res, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -674,8 +674,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     debug = '--debug' in argv  # accepted anywhere on the line
     args = build_parser().parse_args([a for a in argv if a != '--debug'])
     debug = debug or os.environ.get('LDAE_MODELS_DEBUG', '') not in ('', '0')
+    from .train import PREEMPTED_EXIT_CODE, Preempted
     try:
         return args.func(args)
+    except Preempted as e:  # SIGTERM / SIGUSR1: the checkpoint is written; a requeue resumes with --resume
+        print(f'ldae-models {args.command}: {e}', file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except BrokenPipeError:  # the reader went away (`ldae-models list | head`): stop quietly, as Unix tools do
         sys.stdout = open(os.devnull, 'w')
         return 0

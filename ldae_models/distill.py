@@ -55,6 +55,8 @@ HIST_BINS = 10  # the logged histogram of t: tenths of the teacher's range
 class DistillConfig(RunConfig):
     """A RepFusion run: the distillation stage (``epochs``) then the task stage (``task_epochs``)."""
 
+    resume_fields = RunConfig.resume_fields + ('teacher', 'student', 'student_args', 'policy', 't_bins')
+
     # -- the teacher
     teacher: str = _arg('ldae_vit_tiny_patch4_32.cifar10', 'an extractor of the zoo (NAME.TAG, local-dir:, hf-hub:)')
     teacher_args: Dict[str, Any] = _arg(None, 'teacher constructor overrides as JSON', factory=dict)

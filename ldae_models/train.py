@@ -48,9 +48,10 @@ from .data import DATASETS, ImageData, augment, load_split, normalize
 from .layers.schedules import randn
 
 __all__ = ['RunConfig', 'TrainConfig', 'Objective', 'DenoisingObjective', 'run', 'train', 'process_group', 'build_model', 'lr_at',
-           'CKPT_NAME', 'cpu_has_native_bf16', 'step_seed']
+           'CKPT_NAME', 'cpu_has_native_bf16', 'step_seed', 'Preempted', 'PREEMPTED_EXIT_CODE']
 
 CKPT_NAME = 'ckpt_last.pth'
+PREEMPTED_EXIT_CODE = 75  # what the command line exits with after a SIGTERM / SIGUSR1 checkpoint (EX_TEMPFAIL: requeue)
 _MASK = (1 << 63) - 1
 
 
@@ -118,9 +119,14 @@ class RunConfig:
     out: str = _arg('', 'output folder: checkpoints, log.jsonl, final weights')
     seed: int = _arg(0, 'the seed of every random draw of the run')
     resume: bool = _arg(False, 'continue from OUT/ckpt_last.pth when it exists')
+    allow_config_change: bool = _arg(False, 'resume even where the model, batch, schedule length or seed differ from '
+                                            "the checkpoint's (refused otherwise)")
     ckpt_every: int = _arg(1000, 'steps between checkpoints (also at the end)', min=1)
     log_every: int = _arg(50, 'steps between JSON log lines', min=1)
     quiet: bool = _arg(False, 'no progress bar')
+
+    # what a resumed run must share with its checkpoint (besides the schedule's length in steps)
+    resume_fields = ('batch_size', 'seed')
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -129,6 +135,8 @@ class RunConfig:
 @dataclass
 class TrainConfig(RunConfig):
     """A denoising run: the l-DAE objective (and its ablations) or the DDPM objective of a DDAE UNet."""
+
+    resume_fields = RunConfig.resume_fields + ('model', 'model_args')
 
     # -- what to train
     model: str = _arg('ldae_vit_tiny_patch4_32', 'an l-DAE size (ldae_vit_*) or a DDAE UNet (ddae_*)')
@@ -392,10 +400,11 @@ class Batches:
 
         class Keys(torch.utils.data.Sampler):
             def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
-                step = outer.start_step
+                step, perm, perm_epoch = outer.start_step, None, -1
                 while step < outer.total_steps:
                     epoch, s = divmod(step, outer.steps_per_epoch)
-                    perm = outer._perm(epoch).tolist()
+                    if epoch != perm_epoch:  # one permutation per epoch (a 1.28M-index permutation costs ~60 ms)
+                        perm, perm_epoch = outer._perm(epoch).tolist(), epoch
                     for a in range(outer.cfg.accum_steps):
                         lo = s * outer.cfg.batch_size + outer.rank * outer.part + a * outer.micro
                         yield [(epoch, i) for i in perm[lo:lo + outer.micro]]
@@ -405,7 +414,15 @@ class Batches:
                 return (outer.total_steps - outer.start_step) * outer.cfg.accum_steps
 
         return iter(torch.utils.data.DataLoader(self.folder, batch_sampler=Keys(), num_workers=self.cfg.workers,
-                                                pin_memory=self.device.type == 'cuda'))
+                                                pin_memory=self.device.type == 'cuda', worker_init_fn=_ignore_stop))
+
+
+def _ignore_stop(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM / SIGUSR1 to the main process, which checkpoints and then stops them."""
+    import signal
+    for name in StopSignals.NAMES:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def step_draws(cfg: RunConfig, step: int, objective: Objective, x: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -420,10 +437,63 @@ def step_draws(cfg: RunConfig, step: int, objective: Objective, x: torch.Tensor)
 # -- checkpoints, distributed, logging ---------------------------------------------------------------------------
 
 def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename."""
+    """Write atomically and durably: a temporary file in the same folder, flushed to the disk (fsync), then a rename
+    (and the folder's entry synced), so that a machine that dies at any moment leaves the old or the new file."""
     tmp = path.with_name(path.name + '.tmp')
-    torch.save(state, tmp)
+    with open(tmp, 'wb') as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # a platform whose folders cannot be opened (Windows): the rename is what it offers
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Preempted(Exception):
+    """A run stopped by SIGTERM or SIGUSR1 after writing its checkpoint at the step reached; ``--resume`` continues
+    it. The command line exits with ``PREEMPTED_EXIT_CODE`` (75), which a requeue script can act on."""
+
+    def __init__(self, step: int, path: Path, signal_name: str) -> None:
+        super().__init__(f'{signal_name}: stopped at step {step} with its checkpoint {path}; continue with --resume')
+        self.step, self.path = step, path
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (a scheduler's notice before preemption) set a flag the loop reads at step boundaries;
+    the previous handlers are restored on leaving. Outside the main thread nothing is installed."""
+
+    NAMES = ('SIGTERM', 'SIGUSR1')
+
+    def __init__(self) -> None:
+        self.received: Optional[str] = None
+        self._old: Dict[int, Any] = {}
+
+    def __enter__(self) -> 'StopSignals':
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for name in self.NAMES:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 @contextlib.contextmanager
@@ -685,6 +755,7 @@ def _run(cfg: RunConfig, make_objective: Callable[[], Objective], rank: int, wor
     ckpt_path = out / CKPT_NAME
     if cfg.resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        check_resume(cfg, state, total_steps, ckpt_path)
         model.load_state_dict(state['model'])
         opt.load_state_dict(state['optimizer'])
         if ema is not None and 'ema' in state:
@@ -728,59 +799,72 @@ def _run(cfg: RunConfig, make_objective: Callable[[], Objective], rank: int, wor
                 f'(epoch {max(where, 0) // steps_per_epoch}); the run stopped and the last good checkpoint is kept: '
                 f'{ckpt_path if ckpt_path.exists() else "none written yet"}. Lower --lr / --blr, or check the data.')
 
-    for step, offset, images, labels in batches:
-        micro_i = (offset % batches.part) // batches.micro
-        x = normalize(images)
-        if micro_i == 0:
-            lr = lr_at(step, total_steps, warmup, peak_lr)
-            for group in opt.param_groups:
-                group['lr'] = lr
-            objective.begin_step(step, steps_per_epoch)
-            draws = step_draws(cfg, step, objective, x)
-        sl = slice(offset, offset + len(x))
-        if data is not None and cfg.aug != 'center':
-            x = augment(x, cfg.aug, u=draws['crop'][sl])
-        sync = micro_i == cfg.accum_steps - 1
-        ctx = net.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
-        with ctx:
-            with torch.autocast(**amp) if amp else contextlib.nullcontext():
-                loss = net(x, labels, **{k: v[sl] for k, v in draws.items() if k != 'crop'})
-            (loss / cfg.accum_steps).backward()
-        is_bad = ~torch.isfinite(loss.detach())
-        first = is_bad & ~bad
-        bad_step.copy_(torch.where(first, torch.full_like(bad_step, step), bad_step))
-        bad_loss.copy_(torch.where(first, loss.detach().float(), bad_loss))
-        bad |= is_bad
-        seen += len(x) * world
-        if not sync:
-            continue
-        if cfg.clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(model, step=step)
-        step += 1
-        done = step
-        progress.update(1)
-        is_log = step % cfg.log_every == 0 or step == total_steps
-        is_ckpt = step % cfg.ckpt_every == 0 or step == total_steps
-        if is_log or is_ckpt or step % cfg.nan_check_every == 0:
-            check_finite(step)
-        if is_main and is_log:
-            dt = time.time() - t0
-            last = dict(step=step, epoch=round(step / steps_per_epoch, 3), loss=round(loss.item(), 6), lr=lr,
-                        img_per_s=round(seen / max(dt, 1e-9), 1), elapsed_s=round(dt, 1), **objective.log_record())
-            log(**last)
-        if is_ckpt:
-            if is_main:
-                state = dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step,
-                             config=dataclasses.asdict(cfg))
-                if ema is not None:
-                    state['ema'] = ema.module.state_dict()
-                save_checkpoint(ckpt_path, state)
-            if world > 1:
-                dist.barrier()
+    def checkpoint(step: int) -> None:
+        if is_main:
+            state = dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, total_steps=total_steps,
+                         config=dataclasses.asdict(cfg))
+            if ema is not None:
+                state['ema'] = ema.module.state_dict()
+            save_checkpoint(ckpt_path, state)
+        if world > 1:
+            dist.barrier()
+
+    with StopSignals() as signals:  # SIGTERM / SIGUSR1: a checkpoint at the next step boundary, then stop
+        for step, offset, images, labels in batches:
+            micro_i = (offset % batches.part) // batches.micro
+            x = normalize(images)
+            if micro_i == 0:
+                lr = lr_at(step, total_steps, warmup, peak_lr)
+                for group in opt.param_groups:
+                    group['lr'] = lr
+                objective.begin_step(step, steps_per_epoch)
+                draws = step_draws(cfg, step, objective, x)
+            sl = slice(offset, offset + len(x))
+            if data is not None and cfg.aug != 'center':
+                x = augment(x, cfg.aug, u=draws['crop'][sl])
+            sync = micro_i == cfg.accum_steps - 1
+            ctx = net.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+            with ctx:
+                with torch.autocast(**amp) if amp else contextlib.nullcontext():
+                    loss = net(x, labels, **{k: v[sl] for k, v in draws.items() if k != 'crop'})
+                (loss / cfg.accum_steps).backward()
+            is_bad = ~torch.isfinite(loss.detach())
+            first = is_bad & ~bad
+            bad_step.copy_(torch.where(first, torch.full_like(bad_step, step), bad_step))
+            bad_loss.copy_(torch.where(first, loss.detach().float(), bad_loss))
+            bad |= is_bad
+            seen += len(x) * world
+            if not sync:
+                continue
+            if cfg.clip_grad:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model, step=step)
+            step += 1
+            done = step
+            progress.update(1)
+            is_log = step % cfg.log_every == 0 or step == total_steps
+            is_ckpt = step % cfg.ckpt_every == 0 or step == total_steps
+            if is_log or is_ckpt or step % cfg.nan_check_every == 0:
+                check_finite(step)
+            if is_main and is_log:
+                dt = time.time() - t0
+                last = dict(step=step, epoch=round(step / steps_per_epoch, 3), loss=round(loss.item(), 6), lr=lr,
+                            img_per_s=round(seen / max(dt, 1e-9), 1), elapsed_s=round(dt, 1), **objective.log_record())
+                log(**last)
+            if is_ckpt:
+                checkpoint(step)
+            if step < total_steps and _stop_requested(signals, world, step, cfg.nan_check_every, device):
+                if not is_ckpt:
+                    check_finite(step)
+                    checkpoint(step)
+                progress.close()
+                log(event='preempted', step=step, signal=signals.received or 'a signal on another process',
+                    checkpoint=str(ckpt_path))
+                log.close()
+                raise Preempted(step, ckpt_path, signals.received or 'a stop signal (on another process)')
     progress.close()
     result: Dict[str, Any] = dict(step=done, total_steps=total_steps, last=last)
     if is_main and done >= total_steps:
@@ -788,6 +872,32 @@ def _run(cfg: RunConfig, make_objective: Callable[[], Objective], rank: int, wor
         result['weights'] = str(objective.export(model if ema is None else ema.module, cfg, out))
     log.close()
     return result
+
+
+def _stop_requested(signals: StopSignals, world: int, step: int, every: int, device: torch.device) -> bool:
+    """Whether to stop at this step boundary: at once in one process; under torchrun every ``every`` steps (the
+    processes agree by an all-reduce, which waits on the device, so it runs at the non-finite check's cadence)."""
+    if world == 1:
+        return signals.received is not None
+    if step % every:
+        return False
+    flag = torch.tensor([1.0 if signals.received else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+def check_resume(cfg: RunConfig, state: Dict[str, Any], total_steps: int, path: Path) -> None:
+    """Refuse to resume a checkpoint of another run: its model, batch, schedule length (steps) or seed (the config's
+    ``resume_fields``) must be this config's, unless ``allow_config_change``."""
+    saved = state.get('config') or {}
+    mine = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    diff = [(f, saved.get(f), mine.get(f)) for f in cfg.resume_fields if f in saved and saved.get(f) != mine.get(f)]
+    if 'total_steps' in state and int(state['total_steps']) != total_steps:
+        diff.append(('schedule length in steps (--epochs / --max-steps)', int(state['total_steps']), total_steps))
+    if diff and not cfg.allow_config_change:
+        what = '; '.join(f'{f}: {a!r} in the checkpoint, {b!r} now' for f, a, b in diff)
+        raise ValueError(f'{path} is a checkpoint of another run ({what}): resume with the same settings, or pass '
+                         f'--allow-config-change to continue it anyway')
 
 
 def export_final(model: nn.Module, cfg: TrainConfig, out: Path, is_dae: bool) -> Path:

@@ -175,6 +175,47 @@ def test_killed_run_resumes_to_the_uninterrupted_state(folder, tmp_path, aug, am
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
 
 
+# SIGTERM to itself in the middle of step $TERM_AT_STEP (0-based), between two checkpoints (every 2 steps)
+_TERMINATOR = """
+import os, signal, sys
+import ldae_models.train as T
+from ldae_models.cli import main
+orig = T.lr_at
+def lr_then_signal(step, *a, **k):
+    if step == int(os.environ['TERM_AT_STEP']):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return orig(step, *a, **k)
+T.lr_at = lr_then_signal
+sys.exit(main(['train'] + sys.argv[1:]))
+"""
+
+
+def test_sigterm_checkpoints_at_the_step_reached_and_the_resumed_run_is_exact(folder, tmp_path):
+    full = run_script(base_args(folder, tmp_path / 'full', '--aug', 'rrc', '--amp', 'off'))
+    assert full.returncode == 0, full.stderr
+    cut = run_script(base_args(folder, tmp_path / 'cut', '--aug', 'rrc', '--amp', 'off'), env={'TERM_AT_STEP': '2'},
+                     wrapper=_TERMINATOR)
+    assert cut.returncode == T.PREEMPTED_EXIT_CODE == 75, cut.stderr
+    assert 'SIGTERM: stopped at step 3' in cut.stderr and 'continue with --resume' in cut.stderr
+    assert torch.load(tmp_path / 'cut' / T.CKPT_NAME, weights_only=True)['step'] == 3  # the step reached, not 2
+    assert any(r.get('event') == 'preempted' and r['step'] == 3 for r in logs(tmp_path / 'cut'))
+    resumed = run_script(base_args(folder, tmp_path / 'cut', '--aug', 'rrc', '--amp', 'off', '--resume'))
+    assert resumed.returncode == 0, resumed.stderr
+    fa, fb = load_file(str(tmp_path / 'full/model.safetensors')), load_file(str(tmp_path / 'cut/model.safetensors'))
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+def test_a_resume_with_other_settings_is_refused(folder, tmp_path):
+    T.train(config(folder, tmp_path / 'r', '--max-steps', '2'))
+    with pytest.raises(ValueError, match=r"checkpoint of another run \(schedule length in steps \(--epochs / "
+                                         r"--max-steps\): 2 in the checkpoint, 4 now\).*--allow-config-change"):
+        T.train(config(folder, tmp_path / 'r', '--max-steps', '4', '--resume'))
+    with pytest.raises(ValueError, match=r"seed: 0 in the checkpoint, 1 now"):
+        T.train(config(folder, tmp_path / 'r', '--max-steps', '2', '--resume', '--seed', '1'))
+    res = T.train(config(folder, tmp_path / 'r', '--max-steps', '4', '--resume', '--allow-config-change'))
+    assert res['step'] == 4
+
+
 @pytest.mark.parametrize('amp', ['off', pytest.param('bf16', marks=pytest.mark.slow)])  # bf16: a bound, not exactness
 def test_two_processes_equal_one_with_the_same_global_batch(folder, tmp_path, amp):
     one = run_script(base_args(folder, tmp_path / 'one', '--aug', 'rrc', '--amp', amp))
