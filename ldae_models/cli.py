@@ -329,34 +329,54 @@ def _add_config_args(p: argparse.ArgumentParser, config_cls: type) -> None:
     for f in dataclasses.fields(config_cls):
         flag = '--' + f.name.replace('_', '-')
         meta = dict(f.metadata)
+        if meta.get('cli') is False:
+            continue
         default = f.default if f.default is not dataclasses.MISSING else None
         kind = hints[f.name]
         if typing.get_origin(kind) is typing.Union:  # Optional[X]
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         base = typing.get_origin(kind) or kind
         helptext = meta.get('help', '') + (f' (default: {default})' if default not in (None, '', False) else '')
+        # every flag defaults to None (a switch to False): the flags given are known, and a recipe keeps the rest
         if f.name == 'data_root':
-            p.add_argument(flag, '--data-dir', dest=f.name, default=default, help=helptext)
+            p.add_argument(flag, '--data-dir', dest=f.name, default=None, help=helptext)
         elif base is bool:
             p.add_argument(flag, action='store_true', help=meta.get('help', ''))
         elif base is dict:
             p.add_argument(flag, type=lambda s, n=flag: _json_object(s, n), default=None, help=helptext)
         else:
-            p.add_argument(flag, type=base, default=default, choices=meta.get('choices'), help=helptext)
+            p.add_argument(flag, type=base, default=None, choices=meta.get('choices'), help=helptext)
+
+
+def _given(config_cls: type, args: argparse.Namespace) -> Dict[str, Any]:
+    """The fields of ``config_cls`` that the command line set (a switch: when on)."""
+    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(config_cls)
+             if f.metadata.get('cli') is not False}
+    return {k: v for k, v in given.items() if v is not None and v is not False}  # not `in`: 0 == False
 
 
 def _config(config_cls: type, args: argparse.Namespace) -> Any:
-    """The config dataclass the flags of ``_add_config_args`` describe (JSON dict flags default to {})."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)}
-    for f in dataclasses.fields(config_cls):
-        if values[f.name] is None and f.default is dataclasses.MISSING:  # a dict field given no JSON
-            values[f.name] = f.default_factory()
-    return config_cls(**values)
+    """The config dataclass the flags of ``_add_config_args`` describe: the flags given, the fields' defaults."""
+    return config_cls(**_given(config_cls, args))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
-    result = train(_config(TrainConfig, args))
+    given = _given(TrainConfig, args)
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if args.recipe:
+        from .recipes import train_config
+        cfg, sources = train_config(args.recipe, gpu_mem_gb=args.gpu_mem_gb, world=world,
+                                    micro_batch=args.micro_batch, **given)
+        cfg.sources = sources
+    else:
+        cfg = TrainConfig(**given)
+        if args.micro_batch:  # the global batch kept, accumulated over micro-batches of this size
+            if cfg.batch_size % (world * args.micro_batch):
+                raise ValueError(f'--micro-batch {args.micro_batch} does not divide the per-GPU batch of '
+                                 f'--batch-size {cfg.batch_size} over {world} processes')
+            cfg.accum_steps = cfg.batch_size // (world * args.micro_batch)
+    result = train(cfg)
     if result.get('weights'):
         _stage(f'done: {result["step"]} steps; weights {result["weights"]}')
     return 0
@@ -564,6 +584,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import TrainConfig
     p = sub.add_parser('train', help='train an l-DAE (or a DDAE UNet)', description='Train with a TrainConfig (each '
                        'flag is a field; torchrun runs it on many GPUs). See ldae_models/train.py.')
+    from .recipes import RECIPES
+    p.add_argument('--recipe', choices=list(RECIPES), help='a recipe of ldae_models/recipes.py (the paper\'s runs, '
+                   'every value with its source); the other flags override it')
+    p.add_argument('--gpu-mem-gb', type=_at_least(1, float), default=80.0,
+                   help="with --recipe: each GPU's memory, for the micro-batch (default: %(default)s)")
+    p.add_argument('--micro-batch', type=_at_least(1), default=0,
+                   help='images per GPU per forward pass; the global batch is accumulated (default: planned by '
+                        '--recipe, else --batch-size / processes)')
     _add_config_args(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 

@@ -124,6 +124,8 @@ class RunConfig:
     ckpt_every: int = _arg(1000, 'steps between checkpoints (also at the end)', min=1)
     log_every: int = _arg(50, 'steps between JSON log lines', min=1)
     quiet: bool = _arg(False, 'no progress bar')
+    sources: Dict[str, str] = _arg(None, 'where each value comes from (set by a recipe; saved with the run)',
+                                   factory=dict, cli=False)
 
     # what a resumed run must share with its checkpoint (besides the schedule's length in steps)
     resume_fields = ('batch_size', 'seed')
@@ -707,19 +709,20 @@ def run(cfg: RunConfig, make_objective: Callable[[], Objective]) -> Dict[str, An
 @contextlib.contextmanager
 def undo_on_failure(out: Path, enabled: bool = True) -> Iterator[None]:
     """A run that fails before its first checkpoint leaves ``out`` as it found it: the folder is removed if the run
-    created it, else the log the run started. A run with a checkpoint (in ``out`` or a stage folder below it) keeps
-    everything: it resumes from there."""
-    created = not out.exists()
-    had_log = (out / 'log.jsonl').exists()
+    created it, else what the run added to it (its log, its config). A run with a checkpoint (in ``out`` or a stage
+    folder below it) keeps everything: it resumes from there."""
+    import shutil
+    before = {p.name for p in out.iterdir()} if out.is_dir() else None
     try:
         yield
     except BaseException:
-        if enabled and not any(out.rglob(CKPT_NAME)):
-            if created:
-                import shutil
+        if enabled and out.is_dir() and not any(out.rglob(CKPT_NAME)):
+            if before is None:
                 shutil.rmtree(out, ignore_errors=True)
-            elif not had_log:
-                (out / 'log.jsonl').unlink(missing_ok=True)
+            else:
+                for path in out.iterdir():
+                    if path.name not in before:
+                        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         raise
 
 
@@ -729,6 +732,13 @@ def _run(cfg: RunConfig, make_objective: Callable[[], Objective], rank: int, wor
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out, is_main)
+    if is_main:  # the resolved config, beside the checkpoints and at the head of the log
+        config = dataclasses.asdict(cfg)
+        tmp = out / 'config.json.tmp'
+        tmp.write_text(json.dumps(config, indent=1, default=str) + '\n')
+        os.replace(tmp, out / 'config.json')
+        log(event='config', config={k: v for k, v in config.items() if k != 'sources'},
+            **({'sources': cfg.sources} if cfg.sources else {}))
     torch.manual_seed(cfg.seed)
 
     objective = make_objective()

@@ -30,10 +30,8 @@ def base_args(folder, out, *extra):
 
 def config(folder, out, *extra):
     """The TrainConfig the command line builds from these arguments."""
-    from ldae_models.cli import build_parser
-    args = build_parser().parse_args(['train', *base_args(folder, out, *extra)])
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(T.TrainConfig)}
-    return T.TrainConfig(**{**values, 'model_args': values['model_args'] or {}})
+    from ldae_models.cli import _config, build_parser
+    return _config(T.TrainConfig, build_parser().parse_args(['train', *base_args(folder, out, *extra)]))
 
 
 def run_script(args, env=None, wrapper=None):

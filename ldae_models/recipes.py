@@ -1,0 +1,173 @@
+"""Training recipes as data: the paper's l-DAE runs (and the shipped CIFAR-10 one), every value with its source.
+
+``RECIPES[name]`` maps ``TrainConfig`` fields to a ``Setting(value, source)``: the paper's section for what the paper
+states (App. A of *Deconstructing Denoising Diffusion Models for Self-Supervised Learning*), "ours" with the reason
+for what it leaves open. ``train_config(name, gpu_mem_gb=80, world=1, **overrides)`` resolves a recipe into a
+``TrainConfig``: the overrides (the command line's flags) win, and the micro-batch per GPU is chosen to fit
+``gpu_mem_gb`` from ``ACTIVATION_MIB``, measured activation memory per image (``--micro-batch`` fixes it instead):
+
+- the global batch is the recipe's for any number of GPUs: ``accum_steps = batch / (world x micro-batch)``;
+- without gradient checkpointing while a micro-batch of at least ``MIN_EFFICIENT_MICRO`` images fits (accumulation
+  costs nothing but the smaller matmuls), else with it (recomputation costs about a third more compute).
+
+    ldae-models train --recipe ldae_vit_b_in1k --data-root IMAGENET --out runs/b          # resolved config printed
+    torchrun --nproc_per_node 8 -m ldae_models train --recipe ldae_vit_large_in1k --gpu-mem-gb 40 ...
+"""
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Tuple
+
+__all__ = ['Setting', 'RECIPES', 'ACTIVATION_MIB', 'train_config', 'plan_memory', 'static_bytes', 'recipe_table']
+
+
+@dataclass(frozen=True)
+class Setting:
+    value: Any
+    source: str
+
+
+_PAPER = dict(
+    batch_size=Setting(2048, 'App. A'),
+    blr=Setting(1e-4, 'App. A (lr = blr x batch / 256)'),
+    weight_decay=Setting(0.0, 'App. A'),
+    epochs=Setting(400, 'App. A (Tab. 5 also trains 800 and 1600)'),
+    warmup_epochs=Setting(100, 'App. A'),
+    aug=Setting('center', 'App. A: center crop (random resized crop reads +0.5)'),
+    ema=Setting(0.0, 'ours: App. A names no EMA for pre-training (App. B\'s EMA is for fine-tuning)'),
+    dataset=Setting('folder', 'ImageNet-1k as an ImageFolder (ROOT/train)'),
+)
+
+RECIPES: Dict[str, Dict[str, Setting]] = {
+    'ldae_vit_b_in1k': dict(model=Setting('ldae_vit_base_patch16_256', 'Sec. 5: ViT-B, 12 + 12 blocks, d = 32 (60.3)'),
+                            **_PAPER),
+    'ldae_vit_halflarge_in1k': dict(model=Setting('ldae_vit_halflarge_patch16_256',
+                                                  'Sec. 5: ViT-1/2L, width 1024, 12 + 12 blocks (65.0)'), **_PAPER),
+    'ldae_vit_large_in1k': dict(model=Setting('ldae_vit_large_patch16_256',
+                                              'Sec. 5: ViT-L, 24 + 24 blocks (70.9)'), **_PAPER),
+    'ldae_vit_tiny_cifar10': dict(
+        model=Setting('ldae_vit_tiny_patch4_32', 'ours: a ViT-Ti/4 for 32 px images'),
+        dataset=Setting('cifar10', "ours: torchvision's CIFAR-10"),
+        batch_size=Setting(128, "ours: the shipped checkpoint's run (a 2-core CPU)"),
+        blr=Setting(1.2e-3, "ours: the shipped checkpoint's run (lr 6e-4 at batch 128)"),
+        weight_decay=Setting(0.0, 'App. A'),
+        epochs=Setting(4, "ours: the shipped checkpoint's CPU budget"),
+        warmup_epochs=Setting(0.25, 'ours: App. A\'s quarter of the schedule, scaled to 4 epochs'),
+        aug=Setting('center', 'App. A'),
+        ema=Setting(0.0, 'ours'),
+    ),
+}
+# Not a config field, ours on every recipe: AdamW's betas (0.9, 0.95) are MAE's; App. A states none (DiT, which the
+# paper follows, keeps PyTorch's 0.999).
+ADAMW_BETAS = Setting((0.9, 0.95), "ours: MAE's; App. A states none (DiT keeps PyTorch's 0.999)")
+
+# Activation MiB per image of the whole DAE's training step under bf16 autocast: (plain, gradient checkpointing).
+# Measured on a CPU by `python benchmarks/bench_activation_memory.py` (autograd's saved tensors, each storage once;
+# a GPU allocator adds some fragmentation on top, which GPU_MEM_MARGIN leaves room for).
+ACTIVATION_MIB: Dict[str, Tuple[float, float]] = {
+    'ldae_vit_tiny_patch4_32': (25.5, 1.4),
+    'ldae_vit_base_patch16_256': (409.3, 24.9),
+    'ldae_vit_halflarge_patch16_256': (628.2, 33.3),
+    'ldae_vit_large_patch16_256': (1247.1, 57.3),
+}
+GPU_MEM_MARGIN = 0.85  # the share of a GPU's memory planned for (CUDA context, allocator slack, the data batch)
+MIN_EFFICIENT_MICRO = 32  # below this many images per micro-batch, gradient checkpointing is preferred
+
+
+@functools.lru_cache(maxsize=None)
+def param_count(model: str) -> int:
+    """The whole DAE's parameters (built on the meta device: no memory, no time)."""
+    import torch
+    from .models import full_model
+    with torch.device('meta'):
+        return sum(p.numel() for p in full_model(model).parameters())
+
+
+def static_bytes(params: int, ema: bool) -> int:
+    """Weights, gradients and AdamW's two moments in float32 (16 bytes a parameter), and an EMA copy (4 more)."""
+    return params * (16 + (4 if ema else 0))
+
+
+def plan_memory(model: str, batch_size: int, world: int, gpu_mem_gb: float, ema: bool = False,
+                micro_batch: int = 0) -> Dict[str, Any]:
+    """The micro-batch per GPU, the accumulation and whether to checkpoint, for ``batch_size`` over ``world`` GPUs of
+    ``gpu_mem_gb`` GB each (``micro_batch`` fixes the micro-batch; checkpointing is then chosen by whether it fits).
+
+    Raises:
+        ValueError: a batch that ``world`` does not divide, a micro-batch that does not divide the per-GPU batch, a
+            model without a measured activation size, or a GPU too small for one image.
+    """
+    if batch_size % world:
+        raise ValueError(f'the global batch {batch_size} is not divisible by the {world} processes')
+    per_gpu = batch_size // world
+    if model not in ACTIVATION_MIB:
+        raise ValueError(f'no measured activation memory for {model} (known: {", ".join(ACTIVATION_MIB)}): give '
+                         f'--micro-batch and --grad-checkpointing yourself')
+    plain, ckpt = (v * 2 ** 20 for v in ACTIVATION_MIB[model])
+    free = gpu_mem_gb * 1e9 * GPU_MEM_MARGIN - static_bytes(param_count(model), ema)
+    fit_plain, fit_ckpt = max(0, int(free // plain)), max(0, int(free // ckpt))
+    if fit_ckpt < 1:
+        raise ValueError(f'--gpu-mem-gb {gpu_mem_gb:g} is too small for {model}: its weights, gradients and AdamW '
+                         f'state take {static_bytes(param_count(model), ema) / 1e9:.1f} GB, and one image needs '
+                         f'{ckpt / 2 ** 20:.0f} MiB more even with gradient checkpointing')
+    if micro_batch:
+        if per_gpu % micro_batch:
+            raise ValueError(f'--micro-batch {micro_batch} does not divide the per-GPU batch {per_gpu} '
+                             f'({batch_size} over {world} processes)')
+        if micro_batch > fit_ckpt:
+            raise ValueError(f'--micro-batch {micro_batch} does not fit in {gpu_mem_gb:g} GB for {model} (at most '
+                             f'{fit_ckpt} with gradient checkpointing, {fit_plain} without)')
+        micro, checkpointing = micro_batch, micro_batch > fit_plain
+    else:
+        use_plain = min(fit_plain, per_gpu) >= min(MIN_EFFICIENT_MICRO, per_gpu)
+        fit = fit_plain if use_plain else fit_ckpt
+        micro = _largest_divisor_at_most(per_gpu, fit)
+        checkpointing = not use_plain
+    act = (ckpt if checkpointing else plain) * micro
+    return dict(micro_batch=micro, accum_steps=per_gpu // micro, grad_checkpointing=checkpointing,
+                planned_gb=round((static_bytes(param_count(model), ema) + act) / 1e9, 1), per_gpu_batch=per_gpu)
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    best = 1
+    for d in range(1, int(math.isqrt(n)) + 1):
+        if n % d == 0:
+            for q in (d, n // d):
+                if best < q <= cap:
+                    best = q
+    return best
+
+
+def train_config(name: str, gpu_mem_gb: float = 80.0, world: int = 1, micro_batch: int = 0, **overrides: Any):
+    """The ``TrainConfig`` of recipe ``name`` with ``overrides`` (field: value) on top, its micro-batch planned for
+    ``world`` GPUs of ``gpu_mem_gb`` GB (unless ``accum_steps`` is overridden). Returns (config, sources): the source
+    of every value ("flag" for an override, "plan" for the memory plan)."""
+    from .train import TrainConfig
+    if name not in RECIPES:
+        raise ValueError(f'unknown recipe {name!r}; the recipes are: {", ".join(RECIPES)}')
+    values = {k: s.value for k, s in RECIPES[name].items()}
+    sources = {k: s.source for k, s in RECIPES[name].items()}
+    values.update(overrides)
+    sources.update({k: 'flag' for k in overrides})
+    if 'accum_steps' not in overrides:
+        plan = plan_memory(values['model'], values['batch_size'], world, gpu_mem_gb, ema=bool(values.get('ema')),
+                           micro_batch=micro_batch)
+        values['accum_steps'] = plan['accum_steps']
+        sources['accum_steps'] = (f'plan: micro-batch {plan["micro_batch"]} of {plan["per_gpu_batch"]} per GPU, '
+                                  f'about {plan["planned_gb"]} GB of {gpu_mem_gb:g}')
+        if 'grad_checkpointing' not in overrides:
+            values['grad_checkpointing'] = plan['grad_checkpointing']
+            sources['grad_checkpointing'] = 'plan'
+    sources['adamw_betas'] = ADAMW_BETAS.source
+    return TrainConfig(**values), sources
+
+
+def recipe_table() -> str:
+    """The recipes as a Markdown table (field: value (source)), as the README shows them."""
+    names = list(RECIPES)
+    fields = sorted({f for r in RECIPES.values() for f in r}, key=lambda f: (f != 'model', f))
+    lines = ['| field | ' + ' | '.join(f'`{n}`' for n in names) + ' |', '|---' * (len(names) + 1) + '|']
+    for f in fields:
+        cells = [f'{RECIPES[n][f].value} ({RECIPES[n][f].source})' if f in RECIPES[n] else '' for n in names]
+        lines.append(f'| `{f}` | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
