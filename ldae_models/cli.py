@@ -221,15 +221,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     images = ['--images', *args.images] if args.images else []
     names = ('features.safetensors', 'denoising.png')
+    import contextlib
+    import io
     with tempfile.TemporaryDirectory(dir=args.out_dir, prefix='.demo-') as tmp:
-        code = main(['denoise', '--model', args.model, '--t', str(args.t), '--out', os.path.join(tmp, names[1]),
-                     *images])  # first: it checks t against the model
-        code = code or main(['features', '--model', args.model, '--layers', '5', '11', '--ts', '0', '10', '80',
-                             '--out', os.path.join(tmp, names[0]), *images])
+        said = io.StringIO()  # the two commands' output, told with the files' final names
+        with contextlib.redirect_stdout(said):
+            code = main(['denoise', '--model', args.model, '--t', str(args.t), '--out', os.path.join(tmp, names[1]),
+                         *images])  # first: it checks t against the model
+            code = code or main(['features', '--model', args.model, '--layers', '5', '11', '--ts', '0', '10', '80',
+                                 '--out', os.path.join(tmp, names[0]), *images])
+        print(said.getvalue().replace(tmp, args.out_dir), end='')
         if code == 0:
             for name in names:
                 shutil.move(os.path.join(tmp, name), os.path.join(args.out_dir, name))
-            print(f'wrote {", ".join(os.path.join(args.out_dir, n) for n in names)}')
     return code
 
 

@@ -122,6 +122,9 @@ class RunConfig:
     allow_config_change: bool = _arg(False, 'resume even where the model, batch, schedule length or seed differ from '
                                             "the checkpoint's (refused otherwise)")
     ckpt_every: int = _arg(1000, 'steps between checkpoints (also at the end)', min=1)
+    keep_last: int = _arg(1, 'checkpoints kept: the newest (ckpt_last.pth) and the k - 1 before it '
+                             '(ckpt_step*.pth)', min=1)
+    keep_every_epochs: int = _arg(0, 'also keep the checkpoint of every N-th epoch (ckpt_epoch*.pth; 0: none)', min=0)
     log_every: int = _arg(50, 'steps between JSON log lines', min=1)
     quiet: bool = _arg(False, 'no progress bar')
     sources: Dict[str, str] = _arg(None, 'where each value comes from (set by a recipe; saved with the run)',
@@ -815,9 +818,19 @@ def _run(cfg: RunConfig, make_objective: Callable[[], Objective], rank: int, wor
                          config=dataclasses.asdict(cfg))
             if ema is not None:
                 state['ema'] = ema.module.state_dict()
+            if cfg.keep_last > 1 and ckpt_path.exists():  # the previous one stays, under its step's name
+                _keep_as(ckpt_path, out / f'ckpt_step{saved[0]:08d}.pth')
             save_checkpoint(ckpt_path, state)
+            saved[0] = step
+            epoch, within = divmod(step, steps_per_epoch)
+            if cfg.keep_every_epochs and not within and epoch % cfg.keep_every_epochs == 0:
+                _keep_as(ckpt_path, out / f'ckpt_epoch{epoch:04d}.pth')
+            for old in sorted(out.glob('ckpt_step*.pth'))[:-(cfg.keep_last - 1) or None]:
+                old.unlink()
         if world > 1:
             dist.barrier()
+
+    saved = [start_step]  # the step of the newest checkpoint
 
     with StopSignals() as signals:  # SIGTERM / SIGUSR1: a checkpoint at the next step boundary, then stop
         for step, offset, images, labels in batches:
@@ -856,7 +869,8 @@ def _run(cfg: RunConfig, make_objective: Callable[[], Objective], rank: int, wor
             done = step
             progress.update(1)
             is_log = step % cfg.log_every == 0 or step == total_steps
-            is_ckpt = step % cfg.ckpt_every == 0 or step == total_steps
+            is_ckpt = (step % cfg.ckpt_every == 0 or step == total_steps or (cfg.keep_every_epochs > 0 and (
+                step % (cfg.keep_every_epochs * steps_per_epoch) == 0)))
             if is_log or is_ckpt or step % cfg.nan_check_every == 0:
                 check_finite(step)
             if is_main and is_log:
@@ -882,6 +896,16 @@ def _run(cfg: RunConfig, make_objective: Callable[[], Objective], rank: int, wor
         result['weights'] = str(objective.export(model if ema is None else ema.module, cfg, out))
     log.close()
     return result
+
+
+def _keep_as(path: Path, name: Path) -> None:
+    """Keep the file at ``path`` also as ``name`` (a hard link: no copy; a copy where links are not offered)."""
+    import shutil
+    name.unlink(missing_ok=True)
+    try:
+        os.link(path, name)
+    except OSError:
+        shutil.copy2(path, name)
 
 
 def _stop_requested(signals: StopSignals, world: int, step: int, every: int, device: torch.device) -> bool:

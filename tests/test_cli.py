@@ -204,3 +204,9 @@ def test_a_closed_pipe_ends_quietly(monkeypatch, capsys):
     monkeypatch.setattr(sys, 'stdout', Closed())
     assert main(['list']) == 0
     assert 'error' not in capsys.readouterr().err
+
+
+def test_probe_defaults_agree_with_the_readme():
+    """No penalty by default, as MAE's probe and the README's numbers."""
+    args = build_parser().parse_args(['probe', '--model', 'ldae_vit_tiny_patch4_32'])
+    assert args.weight_decay == 0.0 and args.solver == 'lbfgs' and args.mode == 'fast'

@@ -203,6 +203,16 @@ def test_sigterm_checkpoints_at_the_step_reached_and_the_resumed_run_is_exact(fo
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
 
 
+def test_the_last_k_checkpoints_and_one_every_n_epochs_are_kept(folder, tmp_path):
+    out = tmp_path / 'k'  # 5 steps an epoch, 10 in all, a checkpoint every 2 steps and at each epoch's end
+    T.train(config(folder, out, '--keep-last', '3', '--keep-every-epochs', '1', '--amp', 'off'))
+    step = lambda f: torch.load(out / f, weights_only=True)['step']  # noqa: E731
+    assert sorted(p.name for p in out.glob('ckpt*.pth')) == [
+        'ckpt_epoch0001.pth', 'ckpt_epoch0002.pth', 'ckpt_last.pth', 'ckpt_step00000006.pth', 'ckpt_step00000008.pth']
+    assert [step(f) for f in ('ckpt_epoch0001.pth', 'ckpt_epoch0002.pth', 'ckpt_last.pth', 'ckpt_step00000006.pth',
+                              'ckpt_step00000008.pth')] == [5, 10, 10, 6, 8]
+
+
 def test_a_resume_with_other_settings_is_refused(folder, tmp_path):
     T.train(config(folder, tmp_path / 'r', '--max-steps', '2'))
     with pytest.raises(ValueError, match=r"checkpoint of another run \(schedule length in steps \(--epochs / "

@@ -38,6 +38,9 @@ def save_safetensors(tensors: Dict[str, torch.Tensor], path: PathLike, metadata:
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={'format': 'pt', **(metadata or {})})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files: give the permissions of any new file
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
