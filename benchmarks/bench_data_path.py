@@ -13,8 +13,8 @@ Three ways to produce a training batch of the tiny l-DAE (images in [-1, 1], t, 
 Measured: seconds per batch of the data and randomness alone (what starves a GPU), and img/s of whole training steps
 (forward, backward, AdamW) fed by each path, rotating order, median over rounds.
 
-    python ../shared/data/cifar10/materialize.py data/cifar10_png --limit-per-class 500
-    python benchmarks/bench_data_path.py --data-root data/cifar10_png --steps 6 --rounds 3
+    # an ImageFolder of 5,000 CIFAR-10 PNG files (500 per class)
+    python benchmarks/bench_data_path.py --data-root cifar10_png --steps 6 --rounds 3
 """
 import argparse
 import json

@@ -15,7 +15,7 @@ wrong match would show), then, for one checkpoint at (block, t):
 
 each for the checkpoint and for the floors: a randomly initialised network of its shape and the raw pixels.
 
-    python benchmarks/bench_exact_pixels.py --jpeg-npz cifar10-jpeg.npz --exact-npz cifar10-tiny-exact.npz \\
+    python benchmarks/bench_exact_pixels.py --jpeg-npz CIFAR10-JPEG.npz --exact-npz CIFAR10-EXACT-SUBSET.npz \\
         --out runs/exact_pixels.json
 """
 import argparse

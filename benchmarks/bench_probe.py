@@ -12,7 +12,7 @@ clean input, extracted once (timed), then:
 
 The same is done for a randomly initialised timm ViT of the same shape and for the raw pixels (the floors).
 
-    python benchmarks/bench_probe.py --model ldae_vit_tiny_patch4_32.cifar10 --npz data/cifar10-jpeg.npz --out OUT.json
+    python benchmarks/bench_probe.py --model ldae_vit_tiny_patch4_32.cifar10 --npz CIFAR10.npz --out OUT.json
 """
 import argparse
 import json
@@ -82,7 +82,7 @@ def probe_all(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: torc
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--model', default='ldae_vit_tiny_patch4_32.cifar10')
-    ap.add_argument('--npz', required=True, help="the project's CIFAR-10 copy (cifar10-jpeg.npz)")
+    ap.add_argument('--npz', required=True, help="CIFAR-10 in the npz layout ({split}_jpeg + {split}_offsets, y_{split}; see the README's Data)")
     ap.add_argument('--ref-iters', type=int, default=5000)
     ap.add_argument('--batch-size', type=int, default=500)
     ap.add_argument('--out')

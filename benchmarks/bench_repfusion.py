@@ -8,7 +8,7 @@ them, on the same splits, linear probes of the floors (a random student of the s
 the teacher at its own tap. A finished run is not run again (``WORK/RUN/row.json``, keyed by its config). Every student is then
 measured on the whole test split.
 
-    python benchmarks/bench_repfusion.py --npz data/cifar10-jpeg.npz --work runs/repfusion --train-images 10000 \\
+    python benchmarks/bench_repfusion.py --npz CIFAR10.npz --work runs/repfusion --train-images 10000 \\
         --epochs 3 --task-epochs 5 --out benchmarks/results/bench_repfusion_cpu.json
 """
 import argparse
@@ -64,7 +64,7 @@ def subset_npz(npz: str, n: int, out: Path, seed: int = 0) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--npz', required=True, help="CIFAR-10 as the project's .npz (cifar10-jpeg.npz)")
+    ap.add_argument('--npz', required=True, help="CIFAR-10 in the npz layout ({split}_jpeg + {split}_offsets, y_{split}; see the README's Data)")
     ap.add_argument('--work', default='runs/repfusion')
     ap.add_argument('--teacher', default='ldae_vit_tiny_patch4_32.cifar10')
     ap.add_argument('--student', default='resnet18')

@@ -375,7 +375,7 @@ def collect(work: Path, out: Path, shard_mib: int = 15) -> List[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--npz', help="CIFAR-10 as the project's .npz (cifar10-jpeg.npz)")
+    ap.add_argument('--npz', help="CIFAR-10 in the npz layout ({split}_jpeg + {split}_offsets, y_{split}; see the README's Data)")
     ap.add_argument('--work', default='/tmp/ldae_campaign', help='where runs and results are written')
     ap.add_argument('--out', help='with --collect (or after --smoke): where the files to bring back go')
     ap.add_argument('--collect', metavar='WORK', help='only gather the files of a finished campaign into --out')
@@ -404,7 +404,7 @@ def main() -> None:
         args.short_epochs, args.batch_size, args.log_every, args.parallel = 1, 64, 4, 1
         args.budget_min, args.reserve_min, args.pca_images = min(args.budget_min, 8.0), 1.0, 512
     elif not args.npz:
-        ap.error('--npz is required (cifar10-jpeg.npz)')
+        ap.error('--npz is required (CIFAR-10 in the npz layout)')
     Campaign(args).run()
     if args.out:
         print('\n'.join(collect(Path(args.work), Path(args.out))))

@@ -7,8 +7,8 @@ The clean image is projected to a low-dimensional latent by patch-wise PCA, nois
 latent, the noisy latent is projected back to pixels by inverse PCA, and a DiT-style ViT predicts the
 original image; the loss weighs the residual in the full PCA basis (1 for the first d components, 0.1
 for the rest) by ``lambda_t = 1 / (1 + sigma_t^2)``. The encoder is the first half of the blocks; its
-feature is the mean of its output tokens. Choices the paper leaves open are documented in
-``../shared/notes/ldae-spec.md`` and marked "(ours)" here.
+feature is the mean of its output tokens. Choices the paper leaves open are marked "(ours)" here and listed in the
+README ("How l-DAE is implemented").
 
 Registered timm encoders (``num_classes=0``: ``model(x)`` gives pooled features; merged at ``t=10`` by
 default, ``merged=False`` gives the conditional encoder):
