@@ -405,11 +405,12 @@ def _splits(args: argparse.Namespace, img_size: int, device: torch.device):
     memo = getattr(args, '_splits_memo', None)
     if memo is None or memo[0] != img_size:
         _stage(f'decoding the {args.dataset} data at {args.data_root}')
-        train = load_split(args.dataset, args.data_root, 'train', img_size, download=args.download)
-        test = load_split(args.dataset, args.data_root, 'test', img_size)
-        seed = getattr(args, 'seed', 0)
-        memo = (img_size, train.subset(getattr(args, 'max_train', 0), seed).to(device),
-                test.subset(getattr(args, 'max_test', 0), seed + 1).to(device))
+        seed = getattr(args, 'seed', 0)  # the subsets are chosen before decoding
+        train = load_split(args.dataset, args.data_root, 'train', img_size, download=args.download,
+                           limit=getattr(args, 'max_train', 0), seed=seed)
+        test = load_split(args.dataset, args.data_root, 'test', img_size, limit=getattr(args, 'max_test', 0),
+                          seed=seed + 1)
+        memo = (img_size, train.to(device), test.to(device))
         args._splits_memo = memo
     return memo[1], memo[2]
 
@@ -468,8 +469,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
         def extract(layers: List[int], ts: List[Any], split: str = split, seed: int = seed):
             _stage(f'decoding the {split} split of {args.data_root}')
-            data = load_split(args.dataset, args.data_root, split, _img_size(model), download=args.download)
-            data = data.subset(args.max_train if split == 'train' else args.max_test, seed)
+            data = load_split(args.dataset, args.data_root, split, _img_size(model), download=args.download,
+                              limit=args.max_train if split == 'train' else args.max_test, seed=seed)
             feats = dataset_features(model, data.to(device), layers=layers, ts=ts, noisy_input=args.noisy_input,
                                      batch_size=args.batch_size_features, device=device, seed=seed,
                                      desc=f'{split} features')

@@ -32,7 +32,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ['ImageData', 'DATASETS', 'load_split', 'split_exists', 'normalize', 'augment', 'open_rgb', 'CIFAR10_FILES']
+__all__ = ['ImageData', 'DATASETS', 'load_split', 'split_exists', 'subset_indices', 'normalize', 'augment', 'open_rgb', 'CIFAR10_FILES']
 
 DATASETS = ('folder', 'cifar10', 'npz')
 # torchvision's CIFAR-10 python release: the files and their md5 (the same list torchvision checks)
@@ -63,16 +63,25 @@ class ImageData:
         return ImageData(self.images.to(device), self.labels.to(device), self.classes)
 
     def subset(self, limit: int, seed: int = 0) -> 'ImageData':
-        """A seeded random subset of ``limit`` images (0 or more than N: all)."""
-        if not limit or limit >= len(self):
+        """A seeded random subset of ``limit`` images (0 or more than N: all); ``subset_indices`` chooses them."""
+        idx = subset_indices(len(self), limit, seed)
+        if idx is None:
             return self
-        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:limit].to(self.labels.device)
+        idx = idx.to(self.labels.device)
         return ImageData(self.images[idx], self.labels[idx], self.classes)
 
     def batches(self, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """(uint8 images, labels) in order, ``batch_size`` at a time."""
         for i in range(0, len(self), batch_size):
             yield self.images[i:i + batch_size], self.labels[i:i + batch_size]
+
+
+def subset_indices(n: int, limit: int, seed: int = 0) -> Optional[torch.Tensor]:
+    """The images of a seeded random subset of ``limit`` of ``n`` (None: all of them), in the subset's order: what
+    ``ImageData.subset`` keeps and ``load_split(limit=)`` decodes."""
+    if not limit or limit >= n:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)
@@ -167,7 +176,8 @@ def open_rgb(path: str):
         raise ValueError(f'{path}: cannot decode the image ({e})') from None
 
 
-def _npz_split(path: Path, split: str, size: Optional[int], progress: bool) -> ImageData:
+def _npz_split(path: Path, split: str, size: Optional[int], progress: bool, limit: int = 0, seed: int = 0
+               ) -> ImageData:
     import numpy as np
     if not path.is_file():
         raise FileNotFoundError(f'--data-root {path}: no such .npz file')
@@ -177,12 +187,16 @@ def _npz_split(path: Path, split: str, size: Optional[int], progress: bool) -> I
             raise ValueError(f'{path} has no y_{split} array (keys: {", ".join(sorted(keys))})')
         labels = torch.from_numpy(d[f'y_{split}'].astype('int64'))
         classes = [str(c) for c in d['classes']] if 'classes' in keys else [str(i) for i in range(int(labels.max()) + 1)]
+        idx = subset_indices(len(labels), limit, seed)
+        chosen = range(len(labels)) if idx is None else idx.tolist()
+        labels = labels if idx is None else labels[idx]
         if f'{split}_jpeg' in keys:
             buf, off = d[f'{split}_jpeg'], d[f'{split}_offsets']
-            images = _decode([buf[off[i]:off[i + 1]].tobytes() for i in range(len(off) - 1)], size,
+            images = _decode([buf[off[i]:off[i + 1]].tobytes() for i in chosen], size,
                              f'decoding {path.name} {split}', progress)
         elif f'x_{split}' in keys:
-            images = torch.from_numpy(d[f'x_{split}']).permute(0, 3, 1, 2).contiguous()
+            x = d[f'x_{split}']
+            images = torch.from_numpy(x if idx is None else x[idx.numpy()]).permute(0, 3, 1, 2).contiguous()
             if size is not None and images.shape[-1] != size:
                 images = torch.stack([_resize_crop(im, size) for im in images])
         else:
@@ -213,7 +227,8 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def _cifar10_split(root: Path, split: str, size: Optional[int], download: bool) -> ImageData:
+def _cifar10_split(root: Path, split: str, size: Optional[int], download: bool, limit: int = 0, seed: int = 0
+                   ) -> ImageData:
     folder = root / CIFAR10_DIR
     if not folder.is_dir():
         if not download:
@@ -237,10 +252,13 @@ def _cifar10_split(root: Path, split: str, size: Optional[int], download: bool) 
         data = entry[b'data']
         images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
         labels += list(entry[b'labels'])
-    x = torch.cat(images)
+    x, y = torch.cat(images), torch.tensor(labels, dtype=torch.int64)
+    idx = subset_indices(len(y), limit, seed)
+    if idx is not None:
+        x, y = x[idx], y[idx]
     if size is not None and size != 32:
         x = torch.stack([_resize_crop(im, size) for im in x])
-    return ImageData(x, torch.tensor(labels, dtype=torch.int64), CIFAR10_CLASSES)
+    return ImageData(x, y, CIFAR10_CLASSES)
 
 
 def _folder_root(root: Path, split: str) -> Path:
@@ -253,13 +271,16 @@ def _folder_root(root: Path, split: str) -> Path:
     raise FileNotFoundError(f'no {" or ".join(names)} folder under {root}')
 
 
-def _folder_split(root: Path, split: str, size: Optional[int], progress: bool) -> ImageData:
+def _folder_split(root: Path, split: str, size: Optional[int], progress: bool, limit: int = 0, seed: int = 0
+                  ) -> ImageData:
     from torchvision.datasets import ImageFolder
     folder = ImageFolder(str(_folder_root(root, split)))
     if len(folder) == 0:
         raise FileNotFoundError(f'no images under {folder.root}')
-    images = _decode([p for p, _ in folder.samples], size, f'decoding {folder.root}', progress)
-    return ImageData(images, torch.tensor(folder.targets, dtype=torch.int64), folder.classes)
+    idx = subset_indices(len(folder), limit, seed)
+    samples = folder.samples if idx is None else [folder.samples[i] for i in idx.tolist()]
+    images = _decode([p for p, _ in samples], size, f'decoding {folder.root}', progress)
+    return ImageData(images, torch.tensor([c for _, c in samples], dtype=torch.int64), folder.classes)
 
 
 def split_exists(dataset: str, root: Union[str, Path], split: str) -> bool:
@@ -281,10 +302,12 @@ def split_exists(dataset: str, root: Union[str, Path], split: str) -> bool:
 
 
 def load_split(dataset: str, root: Union[str, Path], split: str = 'train', img_size: Optional[int] = None,
-               download: bool = False, progress: bool = True) -> ImageData:
+               download: bool = False, progress: bool = True, limit: int = 0, seed: int = 0) -> ImageData:
     """Decode a split (``'train'`` or ``'test'``) of a data set into memory (see the module docstring).
 
     ``img_size`` resizes (shorter side) and center-crops images of another size; decoding shows a progress bar.
+    ``limit`` decodes only a seeded random subset of that many images (``ImageData.subset``'s, chosen before any
+    decoding: the memory and the time of the subset, not of the split).
     """
     if dataset not in DATASETS:
         raise ValueError(f'--dataset must be one of {DATASETS}, got {dataset!r}')
@@ -292,7 +315,7 @@ def load_split(dataset: str, root: Union[str, Path], split: str = 'train', img_s
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = Path(root)
     if dataset == 'npz':
-        return _npz_split(root, split, img_size, progress)
+        return _npz_split(root, split, img_size, progress, limit, seed)
     if dataset == 'cifar10':
-        return _cifar10_split(root, split, img_size, download)
-    return _folder_split(root, split, img_size, progress)
+        return _cifar10_split(root, split, img_size, download, limit, seed)
+    return _folder_split(root, split, img_size, progress, limit, seed)

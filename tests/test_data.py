@@ -116,3 +116,15 @@ def test_a_truncated_image_is_named(tmp_path):
     (d / 'bad.png').write_bytes(data[:len(data) // 2])
     with pytest.raises(ValueError, match=r'bad\.png: cannot decode the image'):
         load_split('folder', tmp_path, 'train', 16, progress=False)
+
+
+def test_a_subset_is_chosen_before_decoding(folder, monkeypatch):
+    """load_split(limit=) decodes only the subset, and it is the subset ImageData.subset keeps (same images, order)."""
+    from ldae_models.data import load_split
+    decoded = []
+    original = D._decode
+    monkeypatch.setattr(D, '_decode', lambda sources, *a: decoded.append(len(sources)) or original(sources, *a))
+    part = load_split('folder', folder, 'train', 16, progress=False, limit=7, seed=3)
+    assert decoded == [7]
+    whole = load_split('folder', folder, 'train', 16, progress=False).subset(7, seed=3)
+    assert torch.equal(part.images, whole.images) and torch.equal(part.labels, whole.labels)
