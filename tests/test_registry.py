@@ -83,6 +83,13 @@ FAMILIES = {  # name, constructor arguments
 }
 
 
+def _random_model(family):
+    """The family's small model with random weights everywhere (the zero-initialised adaLN outputs too)."""
+    name, kw = FAMILIES[family]
+    torch.manual_seed(0)
+    return randomize_(timm.create_model(name, **kw), std=0.05)
+
+
 def _input(model, batch=2, seed=0):
     c, h, w = model.pretrained_cfg['input_size']
     return torch.randn(batch, c, h, w, generator=torch.Generator().manual_seed(seed))
@@ -137,10 +144,7 @@ def test_a_unet_checkpoint_for_one_input_channel(tmp_path):
 
 @pytest.mark.parametrize('family', FAMILIES)
 def test_forward_intermediates_final_is_forward_features_and_eval_is_deterministic(family):
-    name, kw = FAMILIES[family]
-    torch.manual_seed(0)
-    m = timm.create_model(name, **kw).eval()
-    randomize_(m, std=0.05)
+    m = _random_model(family).eval()
     x = _input(m)
     with torch.no_grad():
         final, inter = m.forward_intermediates(x)
@@ -205,9 +209,7 @@ def test_torch_fx_and_torchscript(family):
     TorchScript, each equal to eager; the conditional encoders and the UNets refuse feature_cls='fx' naming why."""
     import warnings
     name, kw = FAMILIES[family]
-    torch.manual_seed(0)
-    m = timm.create_model(name, **kw).eval()
-    randomize_(m, std=0.05)
+    m = _random_model(family).eval()
     x = _input(m)
     if not getattr(m, 'fx_traceable', False):
         with pytest.raises(ValueError, match="feature_cls='fx' needs a model torch.fx can trace; .* cannot: "):
@@ -230,10 +232,7 @@ def test_torch_fx_and_torchscript(family):
 
 @pytest.mark.parametrize('family', FAMILIES)
 def test_every_parameter_gets_a_gradient_and_checkpointing_changes_nothing(family):
-    name, kw = FAMILIES[family]
-    torch.manual_seed(0)
-    m = timm.create_model(name, **kw).train()
-    randomize_(m, std=0.05)
+    m = _random_model(family).train()
     x = _input(m)
 
     def grads(gen_seed=1):
