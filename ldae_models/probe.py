@@ -31,7 +31,7 @@ from .features import dataset_features, feature_key
 from .models.extractor import FeatureDict, as_extractor
 
 __all__ = ['LinearProbeHead', 'fit_linear_probe', 'knn_accuracy', 'grid_probe', 'probe_features', 'floors',
-           'mae_linear_probe', 'plot_grid', 'random_counterpart', 'pixel_features', 'check_against_lbfgs', 'SOLVERS']
+           'mae_linear_probe', 'mae_lars', 'plot_grid', 'random_counterpart', 'pixel_features', 'check_against_lbfgs', 'SOLVERS']
 
 SOLVERS = ('lbfgs', 'adam')
 GridKey = Tuple[int, Optional[float]]
@@ -313,6 +313,16 @@ def floors(model: nn.Module, train: ImageData, test: ImageData, layer: int = -1,
 
 # -- MAE's protocol --------------------------------------------------------------------------------------------------
 
+def mae_lars(head: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """MAE's LARS for its linear probe (``util/lars.py``): momentum 0.9, no weight decay, trust coefficient 0.001, the
+    trust ratio applied to the weight matrices only; 1-D parameters (biases, norms) take plain momentum steps."""
+    from timm.optim import Lars
+    matrices = [p for p in head.parameters() if p.ndim > 1]
+    others = [p for p in head.parameters() if p.ndim <= 1]
+    groups = [dict(params=matrices, always_adapt=True)] + ([dict(params=others, always_adapt=False)] if others else [])
+    return Lars(groups, lr=lr, momentum=0.9, weight_decay=0.0, trust_coeff=0.001)
+
+
 def mae_linear_probe(
         model: nn.Module,
         train: ImageData,
@@ -334,7 +344,6 @@ def mae_linear_probe(
     with lr = blr x batch / 256, ``warmup_epochs`` of linear warmup then cosine; a batch of ``batch_size`` images is
     accumulated from ``micro_batch`` ones when it does not fit; the test images are evaluated as they are.
     """
-    from timm.optim import Lars
     from tqdm.auto import tqdm
     if batch_size % micro_batch:
         raise ValueError(f'batch_size {batch_size} must be a multiple of micro_batch {micro_batch}')
@@ -351,7 +360,7 @@ def mae_linear_probe(
     torch.manual_seed(seed)
     head = LinearProbeHead(dim, num_classes).to(device)
     lr = blr * batch_size / 256
-    opt = Lars(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0, trust_coeff=0.001, always_adapt=True)
+    opt = mae_lars(head, lr)
     accum = batch_size // micro_batch
     steps_per_epoch = max(1, len(train) // batch_size)  # full batches only (MAE drops the last)
     total, warm = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch

@@ -82,7 +82,7 @@ def test_mae_protocol_is_maes(monkeypatch):
     real = timm.optim.Lars
 
     def spy(params, **kw):
-        made.update(kw)
+        made.update(kw, groups=params)
         return real(params, **kw)
 
     monkeypatch.setattr(timm.optim, 'Lars', spy)
@@ -102,4 +102,24 @@ def test_mae_protocol_is_maes(monkeypatch):
                              noisy_input=noisy)
         assert 0 <= r['top1'] <= 100 and r['steps'] == 4 and r['lr'] == pytest.approx(0.1 * 16 / 256)
         assert (len(calls) > 0) == noisy  # the noisy-input flag reaches the encoder (it used to be ignored)
-    assert made['always_adapt'] is True and made['trust_coeff'] == 0.001 and made['weight_decay'] == 0.0
+    assert made['trust_coeff'] == 0.001 and made['weight_decay'] == 0.0
+    # MAE's LARS adapts the weight matrix; the bias (1-D) is left alone (util/lars.py: p.ndim > 1)
+    assert [(g['always_adapt'], [p.ndim for p in g['params']]) for g in made['groups']] == [(True, [2]), (False, [1])]
+
+
+def test_mae_lars_adapts_the_weight_matrix_only():
+    """MAE's util/lars.py: the trust ratio on matrices; biases (1-D) take plain momentum steps."""
+    from ldae_models.probe import LinearProbeHead, mae_lars
+    torch.manual_seed(0)
+    head = LinearProbeHead(8, 3)
+    with torch.no_grad():
+        head.fc.weight.normal_()
+        head.fc.bias.normal_()
+    w0, b0 = head.fc.weight.clone(), head.fc.bias.clone()
+    opt = mae_lars(head, lr=0.5)
+    head(torch.randn(16, 8)).square().sum().backward()
+    gw, gb = head.fc.weight.grad.clone(), head.fc.bias.grad.clone()
+    opt.step()
+    assert torch.allclose(head.fc.bias, b0 - 0.5 * gb, atol=1e-6)  # no trust ratio on the bias
+    trust = 0.001 * w0.norm() / gw.norm()
+    assert torch.allclose(head.fc.weight, w0 - 0.5 * trust * gw, rtol=1e-4, atol=1e-7)
