@@ -26,8 +26,9 @@ the distillation (the paper's observation: it drifts to t in 0-200).
     ldae-models distill --teacher ldae_vit_tiny_patch4_32.cifar10 --student resnet18 --dataset cifar10 \\
         --data-root ~/data --out runs/repfusion --policy reinforce --epochs 100 --task-epochs 100
 
-Where this differs from the official code: one optimiser (AdamW, warmup and cosine, the zoo's loop) for student,
-projector, policy and task head, where the official code uses SGD 0.1 with step decay for 200 epochs; the default
+Where this differs from the official code: one optimiser (AdamW by default, any of timm's with ``opt``; warmup and
+cosine, the zoo's loop) for student, projector, policy and task head, where the official code uses SGD 0.1 with step
+decay for 200 epochs; the default
 teacher input is the image noised at t (``teacher_input``); the task head's loss trains only the head (the reward
 does not reach the teacher or the student).
 """
@@ -88,7 +89,7 @@ class DistillConfig(RunConfig):
     batch_size: int = _arg(128, 'global batch', min=1)
     blr: float = _arg(2e-3, 'base lr: lr = blr * batch / 256', min=0)
     warmup_epochs: float = _arg(5, 'linear warmup epochs of each stage, then half-cycle cosine to 0', min=0)
-    weight_decay: float = _arg(0.05, 'AdamW weight decay', min=0)
+    weight_decay: float = _arg(0.05, 'weight decay (spares norms, biases and no_weight_decay())', min=0)
 
 
 class TimestepPolicy(nn.Module):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .data import ImageData, augment, normalize
 from .features import dataset_features, feature_key
+from .train import lr_at  # the one lr schedule of the zoo
 from .models.extractor import FeatureDict, as_extractor
 
 __all__ = ['LinearProbeHead', 'fit_linear_probe', 'knn_accuracy', 'grid_probe', 'probe_features', 'floors',
@@ -92,7 +93,7 @@ def _solve(z: torch.Tensor, y: torch.Tensor, num_classes: int, solver: str, weig
         return W.detach(), b.detach(), calls[0]
     opt = torch.optim.Adam([W, b], lr=lr)
     steps = epochs * math.ceil(len(z) / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, steps, 0, 1.0))  # no warmup, cosine to 0
     for _ in range(epochs):
         perm = torch.randperm(len(z), generator=g).to(z.device)
         for i in range(0, len(z), batch_size):
@@ -371,8 +372,7 @@ def mae_linear_probe(
         perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).to(device)
         head.train()
         for s in range(steps_per_epoch):
-            cur = lr * (step + 1) / warm if step < warm else \
-                lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+            cur = lr_at(step, total, warm, lr)  # MAE's: linear warmup, then half-cycle cosine
             for group in opt.param_groups:
                 group['lr'] = cur
             opt.zero_grad(set_to_none=True)

@@ -38,7 +38,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
@@ -104,7 +104,10 @@ class RunConfig:
     blr: float = _arg(1e-4, 'base lr: lr = blr * batch / 256 (the paper)', min=0)
     lr: float = _arg(0.0, 'absolute peak lr (overrides blr; 0: from blr)', min=0)
     warmup_epochs: float = _arg(100, 'linear warmup (the paper: 100 of 400 epochs), then half-cycle cosine to 0', min=0)
-    weight_decay: float = _arg(0.0, 'AdamW weight decay (the paper: none)', min=0)
+    opt: str = _arg('adamw', "optimizer, by its name in timm's create_optimizer_v2 ('adamw', 'sgd', 'lars', 'lamb', ...); "
+                           "weight decay spares 1-D parameters and each model's no_weight_decay()")
+    momentum: float = _arg(0.9, 'momentum of the SGD-family optimizers (sgd, lars, ...)', min=0, below=1)
+    weight_decay: float = _arg(0.0, 'weight decay (the paper: none)', min=0)
     clip_grad: float = _arg(0.0, 'gradient-norm clip (0: off)', min=0)
     ema: float = _arg(0.0, 'EMA decay of the weights, e.g. 0.9999 (0: off); the final weights are the EMA', min=0,
                       below=1)
@@ -131,7 +134,7 @@ class RunConfig:
                                    factory=dict, cli=False)
 
     # what a resumed run must share with its checkpoint (besides the schedule's length in steps)
-    resume_fields = ('batch_size', 'seed')
+    resume_fields = ('batch_size', 'seed', 'opt')
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -213,6 +216,35 @@ def lr_at(step: int, total: int, warmup: int, peak: float, min_lr: float = 0.0) 
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def no_weight_decay_names(model: nn.Module) -> Set[str]:
+    """The parameters a model and every module inside it name in ``no_weight_decay()`` (position embeddings, class
+    tokens, ...), as full names: a student inside RepFusion's parts keeps its exemptions."""
+    names: Set[str] = set()
+    for prefix, module in model.named_modules():
+        fn = getattr(module, 'no_weight_decay', None)
+        if callable(fn):
+            names |= {f'{prefix}.{n}' if prefix else n for n in fn()}
+    return names
+
+
+def build_optimizer(model: nn.Module, cfg: 'RunConfig', lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """The run's optimizer, built by timm (``create_optimizer_v2``): weight decay in one group, and none on 1-D
+    parameters (norms, biases) and on what ``no_weight_decay()`` names; frozen parameters left out. AdamW-family
+    optimizers take betas (0.9, 0.95) (ours: MAE's; the l-DAE paper states none), fused on a GPU."""
+    from timm.optim import create_optimizer_v2, param_groups_weight_decay
+    groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=no_weight_decay_names(model))
+    kw: Dict[str, Any] = {}
+    if cfg.opt.lower() in ('adamw', 'adam', 'nadamw', 'lamb', 'adan'):
+        kw['betas'] = (0.9, 0.95)
+    if cfg.opt.lower() in ('adamw', 'adam') and device.type == 'cuda':
+        kw['fused'] = True
+    try:
+        return create_optimizer_v2(groups, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                                   **kw)
+    except (AssertionError, ValueError) as e:  # timm's refusal of an unknown name
+        raise ValueError(f'--opt {cfg.opt!r}: {e}; timm.optim.list_optimizers() lists the names') from None
 
 
 # -- model and objective ----------------------------------------------------------------------------------------
@@ -762,8 +794,7 @@ def _run(cfg: RunConfig, make_objective: Callable[[], Objective], rank: int, wor
     if cfg.ema:
         from timm.utils import ModelEmaV3
         ema = ModelEmaV3(model, decay=cfg.ema)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=peak_lr,
-                            weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=device.type == 'cuda')
+    opt = build_optimizer(model, cfg, peak_lr, device)
     start_step = 0
     ckpt_path = out / CKPT_NAME
     if cfg.resume and ckpt_path.exists():

@@ -367,3 +367,24 @@ def test_a_feature_folder_is_never_destroyed_by_a_read(folder, tmp_path, capsys)
     # extract into the folder again: nothing to do, nothing written
     assert main(['extract', *common, '--layers', '1', '--ts', '40', '--out', str(out)]) == 0
     assert len(list(out.rglob('*.safetensors'))) == 4
+
+
+def test_the_optimizer_is_timms_with_weight_decay_groups(folder, tmp_path):
+    """Weight decay spares norms, biases and what no_weight_decay() names (a student's position embedding inside
+    RepFusion's parts too), read back from the optimizer; --opt sgd trains."""
+    from ldae_models.distill import DistillConfig
+    parts = torch.nn.ModuleDict(dict(student=timm.create_model('vit_tiny_patch16_224', img_size=16, patch_size=4,
+                                                                depth=1, num_classes=2), projector=torch.nn.Linear(8, 8)))
+    opt = T.build_optimizer(parts, DistillConfig(weight_decay=0.05), 1e-3, torch.device('cpu'))
+    names = {id(p): n for n, p in parts.named_parameters()}
+    decay = {g['weight_decay']: {names[id(p)] for p in g['params']} for g in opt.param_groups}
+    assert set(decay) == {0.0, 0.05} and type(opt).__name__ == 'AdamW'
+    assert {'student.pos_embed', 'student.cls_token', 'student.norm.weight', 'student.blocks.0.attn.qkv.bias',
+            'projector.bias'} <= decay[0.0]
+    assert all(n.endswith('weight') and 'norm' not in n for n in decay[0.05])
+    out = tmp_path / 'sgd'
+    res = T.train(config(folder, out, '--opt', 'sgd', '--lr', '1e-2', '--max-steps', '2', '--ema', '0'))
+    state = torch.load(out / T.CKPT_NAME, weights_only=True)
+    assert res['step'] == 2 and 'momentum_buffer' in next(iter(state['optimizer']['state'].values()))
+    with pytest.raises(ValueError, match="--opt 'nope'"):
+        T.train(config(folder, tmp_path / 'nope', '--opt', 'nope', '--max-steps', '1'))
