@@ -123,3 +123,15 @@ def test_mae_lars_adapts_the_weight_matrix_only():
     assert torch.allclose(head.fc.bias, b0 - 0.5 * gb, atol=1e-6)  # no trust ratio on the bias
     trust = 0.001 * w0.norm() / gw.norm()
     assert torch.allclose(head.fc.weight, w0 - 0.5 * trust * gw, rtol=1e-4, atol=1e-7)
+
+
+def test_the_grid_plot_wraps_a_long_title(tmp_path, monkeypatch):
+    pytest.importorskip('matplotlib')
+    import matplotlib.axes
+    from ldae_models.probe import plot_grid
+    titles = []
+    real = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, 'set_title', lambda self, t, *a, **k: titles.append(t) or real(self, t, *a, **k))
+    long = 'ldae_vit_tiny_patch4_32.cifar10: linear probe top-1 (%) on CIFAR-10, clean input'
+    plot_grid({(b, t): 50.0 + b for b in (3, 11) for t in (0, 10)}, str(tmp_path / 'g.png'), title=long)
+    assert (tmp_path / 'g.png').is_file() and '\n' in titles[-1] and titles[-1].replace('\n', ' ') == long
