@@ -397,22 +397,24 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 # -- extract and probe ------------------------------------------------------------------------------------------------
 
-def _splits(args: argparse.Namespace, img_size: int, device: torch.device):
-    """Both splits of the data set, decoded once per command (the floors reuse them)."""
+def _split(args: argparse.Namespace, img_size: int, device: torch.device, split: str):
+    """One split of the data set (its ``--max-train`` / ``--max-test`` subset, chosen before decoding), decoded once
+    per command: the floors reuse it."""
     from .data import load_split
     if not args.data_root:
         raise ValueError('--data-root is required (the data set to probe on)')
-    memo = getattr(args, '_splits_memo', None)
-    if memo is None or memo[0] != img_size:
-        _stage(f'decoding the {args.dataset} data at {args.data_root}')
-        seed = getattr(args, 'seed', 0)  # the subsets are chosen before decoding
-        train = load_split(args.dataset, args.data_root, 'train', img_size, download=args.download,
-                           limit=getattr(args, 'max_train', 0), seed=seed)
-        test = load_split(args.dataset, args.data_root, 'test', img_size, limit=getattr(args, 'max_test', 0),
-                          seed=seed + 1)
-        memo = (img_size, train.to(device), test.to(device))
-        args._splits_memo = memo
-    return memo[1], memo[2]
+    memo = args.__dict__.setdefault('_split_memo', {})
+    if (img_size, split) not in memo:
+        _stage(f'decoding the {split} split of {args.data_root}')
+        limit = getattr(args, 'max_train' if split == 'train' else 'max_test', 0)
+        memo[(img_size, split)] = load_split(args.dataset, args.data_root, split, img_size, download=args.download,
+                                             limit=limit, seed=getattr(args, 'seed', 0) + (split == 'test')).to(device)
+    return memo[(img_size, split)]
+
+
+def _splits(args: argparse.Namespace, img_size: int, device: torch.device):
+    """Both splits (``_split``)."""
+    return _split(args, img_size, device, 'train'), _split(args, img_size, device, 'test')
 
 
 def _img_size(model: torch.nn.Module) -> int:
@@ -425,36 +427,39 @@ def _feature_meta(args: argparse.Namespace, model: torch.nn.Module) -> Dict[str,
                 max_test=args.max_test, t_default=getattr(model, 't', None))
 
 
+def _split_features(args: argparse.Namespace, model: torch.nn.Module, cells: List[Any], device: torch.device,
+                    split: str, folder: Optional[str], shard_size: int = 50_000):
+    """(features, labels, extraction seconds) of one split at the (layer, t) ``cells`` (``features.feature_cells``):
+    the cells ``folder/split`` holds are read, the others extracted and added to it."""
+    from .features import cached_features, dataset_features
+    seconds = [0.0]
+
+    def extract(layers: List[int], ts: List[Any]):
+        data = _split(args, _img_size(model), device, split)
+        _stage(f'extracting features of {len(data):,} {split} images at blocks {layers}, t {ts} on {device}')
+        t0 = time.time()
+        feats = dataset_features(model, data, layers=layers, ts=ts, noisy_input=args.noisy_input,
+                                 batch_size=args.batch_size_features, device=device,
+                                 seed=args.seed + (split == 'test'), desc=f'{split} features')
+        seconds[0] = time.time() - t0
+        return feats, data.labels.cpu()
+
+    feats, labels = cached_features(folder and Path(folder) / split, dict(_feature_meta(args, model), split=split),
+                                    cells, extract, log=_stage, shard_size=shard_size)
+    return feats, labels, seconds[0]
+
+
 def _features_for(args: argparse.Namespace, model: torch.nn.Module, cells: List[Any], device: torch.device,
                   cache: Optional[str] = None):
-    """Features of both splits at the (layer, t) ``cells`` (``features.feature_cells``): the cells ``cache`` holds are
-    read, the others extracted and added to it."""
-    from .features import cached_features, dataset_features
-    meta = _feature_meta(args, model)
-    kw = dict(noisy_input=args.noisy_input, batch_size=args.batch_size_features, device=device)
-    timing = {}
-
-    def extractor(split: str):
-        def extract(layers: List[int], ts: List[Any]):
-            data = _splits(args, _img_size(model), device)[split == 'test']
-            _stage(f'extracting features of {len(data):,} {split} images at blocks {layers}, t {ts} on {device}')
-            t0 = time.time()
-            feats = dataset_features(model, data, layers=layers, ts=ts, seed=args.seed + (split == 'test'),
-                                     desc=f'{split} features', **kw)
-            timing[split] = time.time() - t0
-            return feats, data.labels.cpu()
-        return extract
-
-    ftr, ytr = cached_features(cache and Path(cache) / 'train', dict(meta, split='train'), cells, extractor('train'),
-                               log=_stage)
-    fte, yte = cached_features(cache and Path(cache) / 'test', dict(meta, split='test'), cells, extractor('test'),
-                               log=_stage)
-    return ftr, ytr, fte, yte, sum(timing.values())
+    """Both splits' ``_split_features``: (train features, labels, test features, labels, extraction seconds)."""
+    ftr, ytr, s_tr = _split_features(args, model, cells, device, 'train', cache)
+    fte, yte, s_te = _split_features(args, model, cells, device, 'test', cache)
+    return ftr, ytr, fte, yte, s_tr + s_te
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from .data import split_exists
-    from .features import cached_features, dataset_features, feature_cells
+    from .features import feature_cells
     device = _device(args.device)
     model = _model(args, merged=False).to(device)
     cells = feature_cells(model, args.layers or [-1], args.ts)  # checked before any data is read
@@ -462,24 +467,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
         if not split_exists(args.dataset, args.data_root, split):
             raise ValueError(f'{args.data_root} has no {split} split (an ImageFolder needs ROOT/{split}'
                              f'{"/ or ROOT/val" if split == "test" else "/"}); choose --splits')
-    meta = _feature_meta(args, model)
-    from .data import load_split
     for split in args.splits:
-        seed = args.seed + (split != 'train')
-
-        def extract(layers: List[int], ts: List[Any], split: str = split, seed: int = seed):
-            _stage(f'decoding the {split} split of {args.data_root}')
-            data = load_split(args.dataset, args.data_root, split, _img_size(model), download=args.download,
-                              limit=args.max_train if split == 'train' else args.max_test, seed=seed)
-            feats = dataset_features(model, data.to(device), layers=layers, ts=ts, noisy_input=args.noisy_input,
-                                     batch_size=args.batch_size_features, device=device, seed=seed,
-                                     desc=f'{split} features')
-            return feats, data.labels.cpu()
-
-        out = Path(args.out) / split
-        feats, labels = cached_features(out, dict(meta, split=split), cells, extract, log=_stage,
-                                        shard_size=args.shard_size)
-        print(f'{out}: {len(labels):,} images x {len(feats)} (block, t) cells')
+        feats, labels, _ = _split_features(args, model, cells, device, split, args.out, args.shard_size)
+        args.__dict__.pop('_split_memo', None)  # one split in memory at a time
+        print(f'{Path(args.out) / split}: {len(labels):,} images x {len(feats)} (block, t) cells')
     return 0
 
 

@@ -6,7 +6,6 @@ batch, with a progress bar; ``save_feature_shards`` / ``load_feature_shards`` ke
 (what ``ldae-models extract`` writes and ``ldae-models probe --features`` reads).
 """
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -126,12 +125,6 @@ def _cells_text(cells: Sequence[Tuple[int, Any]]) -> str:
     return text + (f' and {len(cells) - 4} more' if len(cells) > 4 else '')
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _same_meta(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
     """Whether two feature folders describe the same setting (JSON round trip: tuples and lists compare equal)."""
     return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
@@ -146,7 +139,7 @@ def save_feature_shards(features: FeatureDict, labels: torch.Tensor, out_dir: Un
     images (labels), and only the cells it lacks are written, as new shard files beside the old ones; the index is
     replaced atomically once they are complete. A cell it has already is refused (``ValueError``), never overwritten.
     """
-    from .hub.publish import save_safetensors
+    from .hub.publish import save_safetensors, write_text_atomic
     out = Path(out_dir)
     labels = labels.cpu()
     n = len(labels)
@@ -182,7 +175,7 @@ def save_feature_shards(features: FeatureDict, labels: torch.Tensor, out_dir: Un
     for k, v in features.items():
         keys.append(dict(layer=k[0], t=k[1], name=names[k], dim=v.shape[1], part=part, shards=files))
     index = dict(meta, num_samples=n, keys=keys, shards=old['shards'] if old else files)
-    _write_atomic(index_path, json.dumps(index, indent=2) + '\n')
+    write_text_atomic(index_path, json.dumps(index, indent=2) + '\n')
     return out
 
 

@@ -768,10 +768,9 @@ def _run(cfg: RunConfig, make_objective: Callable[[], Objective], rank: int, wor
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out, is_main)
     if is_main:  # the resolved config, beside the checkpoints and at the head of the log
+        from .hub.publish import write_text_atomic
         config = dataclasses.asdict(cfg)
-        tmp = out / 'config.json.tmp'
-        tmp.write_text(json.dumps(config, indent=1, default=str) + '\n')
-        os.replace(tmp, out / 'config.json')
+        write_text_atomic(out / 'config.json', json.dumps(config, indent=1, default=str) + '\n')
         log(event='config', config={k: v for k, v in config.items() if k != 'sources'},
             **({'sources': cfg.sources} if cfg.sources else {}))
     torch.manual_seed(cfg.seed)

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .sources import SAFETENSORS_NAME, SHARDED_NAME, WEIGHTS_INFO_KEYS, PathLike, sha256_note, sha256_of
 
-__all__ = ['save_pretrained', 'push_to_hub', 'export_timm', 'save_sharded', 'save_safetensors']
+__all__ = ['save_pretrained', 'push_to_hub', 'export_timm', 'save_sharded', 'save_safetensors', 'write_text_atomic']
 
 # Keys of the source cfg that stay true of the written file.
 _KEPT_WEIGHT_INFO = ('license',)
@@ -44,6 +44,16 @@ def save_safetensors(tensors: Dict[str, torch.Tensor], path: PathLike, metadata:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: PathLike, text: str) -> Path:
+    """Write a text file (an index, a config) under a temporary name, then rename it: it appears only when complete."""
+    import os
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(text)
+    os.replace(tmp, path)
     return path
 
 
