@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from timm.models import VisionTransformer
 
 from ldae_models.models import full_model
-from ldae_models.train import DenoisingObjective, TrainConfig, resolve_amp
+from ldae_models.engine import resolve_amp
+from ldae_models.train import DenoisingObjective, TrainConfig
 
 DEFAULT_MODELS = ['ldae_vit_tiny_patch4_32', 'ldae_vit_small_patch4_32', 'ldae_vit_base_patch16_256',
                   'ldae_vit_large_patch16_256']

@@ -698,7 +698,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     debug = '--debug' in argv  # accepted anywhere on the line
     args = build_parser().parse_args([a for a in argv if a != '--debug'])
     debug = debug or os.environ.get('LDAE_MODELS_DEBUG', '') not in ('', '0')
-    from .train import PREEMPTED_EXIT_CODE, Preempted
+    from .engine import PREEMPTED_EXIT_CODE, Preempted
     try:
         return args.func(args)
     except Preempted as e:  # SIGTERM / SIGUSR1: the checkpoint is written; a requeue resumes with --resume

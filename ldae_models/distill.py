@@ -43,7 +43,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .models.extractor import FeatureExtractor
-from .train import Objective, RunConfig, _arg, process_group, run, undo_on_failure
+from .engine import Objective, RunConfig, process_group, run, undo_on_failure
+from .engine.config import arg
 
 __all__ = ['DistillConfig', 'Distillation', 'TimestepPolicy', 'MovingBaseline', 'reinforce_loss', 'distill',
            'POLICIES']
@@ -59,37 +60,37 @@ class DistillConfig(RunConfig):
     resume_fields = RunConfig.resume_fields + ('teacher', 'student', 'student_args', 'policy', 't_bins')
 
     # -- the teacher
-    teacher: str = _arg('ldae_vit_tiny_patch4_32.cifar10', 'an extractor of the zoo (NAME.TAG, local-dir:, hf-hub:)')
-    teacher_args: Dict[str, Any] = _arg(None, 'teacher constructor overrides as JSON', factory=dict)
-    teacher_layer: Optional[int] = _arg(None, "the teacher's tapped layer (0-based; default: its own default tap)")
-    teacher_input: str = _arg('noisy', "'noisy': the image noised at t by the teacher's schedule; 'clean': the clean "
+    teacher: str = arg('ldae_vit_tiny_patch4_32.cifar10', 'an extractor of the zoo (NAME.TAG, local-dir:, hf-hub:)')
+    teacher_args: Dict[str, Any] = arg(None, 'teacher constructor overrides as JSON', factory=dict)
+    teacher_layer: Optional[int] = arg(None, "the teacher's tapped layer (0-based; default: its own default tap)")
+    teacher_input: str = arg('noisy', "'noisy': the image noised at t by the teacher's schedule; 'clean': the clean "
                                        "image with t as conditioning (the official code)", choices=('noisy', 'clean'))
     # -- the student
-    student: str = _arg('resnet18', 'any timm model name')
-    student_args: Dict[str, Any] = _arg(None, 'student constructor arguments as JSON, e.g. {"img_size": 32}',
+    student: str = arg('resnet18', 'any timm model name')
+    student_args: Dict[str, Any] = arg(None, 'student constructor arguments as JSON, e.g. {"img_size": 32}',
                                         factory=dict)
-    student_layer: Optional[str] = _arg(None, "the student module whose output is distilled (pooled); default: the "
+    student_layer: Optional[str] = arg(None, "the student module whose output is distilled (pooled); default: the "
                                               "pooled pre-logits")
     # -- the timestep policy
-    policy: str = _arg('reinforce', "'fixed' (one t), 'random' (uniform over the grid), 'reinforce' (learned)",
+    policy: str = arg('reinforce', "'fixed' (one t), 'random' (uniform over the grid), 'reinforce' (learned)",
                        choices=POLICIES)
-    t: Optional[float] = _arg(None, "the fixed policy's t (default: the teacher's own t)")
-    t_bins: int = _arg(1000, "the policy's grid: this many steps evenly over the teacher's [0, T) (the official: 1000)",
+    t: Optional[float] = arg(None, "the fixed policy's t (default: the teacher's own t)")
+    t_bins: int = arg(1000, "the policy's grid: this many steps evenly over the teacher's [0, T) (the official: 1000)",
                        min=2)
-    kd_weight: float = _arg(1.0, 'weight of the feature-distillation MSE in stage 1', min=0)
-    entropy_weight: float = _arg(0.1, "the policy's entropy bonus at the start (the official: 0.1)", min=0)
-    entropy_decay: float = _arg(0.5, 'fraction of stage 1 over which the entropy bonus decays linearly to 0 '
+    kd_weight: float = arg(1.0, 'weight of the feature-distillation MSE in stage 1', min=0)
+    entropy_weight: float = arg(0.1, "the policy's entropy bonus at the start (the official: 0.1)", min=0)
+    entropy_decay: float = arg(0.5, 'fraction of stage 1 over which the entropy bonus decays linearly to 0 '
                                      '(the official: 100 of 200 epochs)', min=0)
-    baseline_momentum: float = _arg(0.9, "momentum of REINFORCE's moving-average reward baseline", min=0, below=1)
+    baseline_momentum: float = arg(0.9, "momentum of REINFORCE's moving-average reward baseline", min=0, below=1)
     # -- the task stage
-    task_epochs: int = _arg(0, 'epochs of stage 2, the student fine-tuned on labels (0: none)', min=0)
-    task_kd_weight: float = _arg(0.0, 'keep the distillation loss in stage 2 with this weight', min=0)
+    task_epochs: int = arg(0, 'epochs of stage 2, the student fine-tuned on labels (0: none)', min=0)
+    task_kd_weight: float = arg(0.0, 'keep the distillation loss in stage 2 with this weight', min=0)
     # RunConfig defaults that differ for a supervised student
-    epochs: int = _arg(100, 'epochs of stage 1, the distillation (0: none; the student is trained from scratch)', min=0)
-    batch_size: int = _arg(128, 'global batch', min=1)
-    blr: float = _arg(2e-3, 'base lr: lr = blr * batch / 256', min=0)
-    warmup_epochs: float = _arg(5, 'linear warmup epochs of each stage, then half-cycle cosine to 0', min=0)
-    weight_decay: float = _arg(0.05, 'weight decay (spares norms, biases and no_weight_decay())', min=0)
+    epochs: int = arg(100, 'epochs of stage 1, the distillation (0: none; the student is trained from scratch)', min=0)
+    batch_size: int = arg(128, 'global batch', min=1)
+    blr: float = arg(2e-3, 'base lr: lr = blr * batch / 256', min=0)
+    warmup_epochs: float = arg(5, 'linear warmup epochs of each stage, then half-cycle cosine to 0', min=0)
+    weight_decay: float = arg(0.05, 'weight decay (spares norms, biases and no_weight_decay())', min=0)
 
 
 class TimestepPolicy(nn.Module):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .data import ImageData, augment, normalize
 from .features import dataset_features, feature_key
-from .train import lr_at  # the one lr schedule of the zoo
+from .engine.optim import lr_at  # the one lr schedule of the zoo
 from .models.extractor import FeatureDict, as_extractor
 
 __all__ = ['LinearProbeHead', 'fit_linear_probe', 'knn_accuracy', 'grid_probe', 'probe_features', 'floors',

@@ -85,7 +85,7 @@ def killer_script(command: str) -> str:
     number ``$KILL_AFTER_SAVES`` is written (a hard kill, to test exact resume)."""
     return f'''
 import os, signal, sys
-import ldae_models.train as T
+import ldae_models.engine.checkpoint as T
 from ldae_models.cli import main
 orig, n = T.save_checkpoint, [0]
 def save_then_die(path, state):

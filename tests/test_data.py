@@ -9,29 +9,30 @@ import torch
 from PIL import Image
 
 from ldae_models import data as D
+from ldae_models.data import splits as S
 
 
 def fake_cifar10(root, n_per_batch=4, seed=0):
     """torchvision's layout: ROOT/cifar-10-batches-py/{data_batch_1..5,test_batch}, python pickles of numpy arrays
     (bytes keys, as the Python 2 originals), with the md5 table patched to these files."""
     rng = np.random.default_rng(seed)
-    folder = root / D.CIFAR10_DIR
+    folder = root / S.CIFAR10_DIR
     folder.mkdir(parents=True)
     arrays = {}
-    for name in [n for split in D.CIFAR10_FILES.values() for n, _ in split]:
+    for name in [n for split in S.CIFAR10_FILES.values() for n, _ in split]:
         x = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
         y = list(rng.integers(0, 10, n_per_batch).tolist())
         with open(folder / name, 'wb') as f:
             pickle.dump({b'batch_label': name.encode(), b'labels': y, b'data': x, b'filenames': [b'x.png'] * len(y)},
                         f, protocol=2)
         arrays[name] = (x, y)
-    table = {split: [(n, D._md5(folder / n)) for n, _ in files] for split, files in D.CIFAR10_FILES.items()}
+    table = {split: [(n, S._md5(folder / n)) for n, _ in files] for split, files in S.CIFAR10_FILES.items()}
     return arrays, table
 
 
 def test_torchvision_cifar10_layout(tmp_path, monkeypatch):
     arrays, table = fake_cifar10(tmp_path)
-    monkeypatch.setattr(D, 'CIFAR10_FILES', table)
+    monkeypatch.setattr(S, 'CIFAR10_FILES', table)
     train = D.load_split('cifar10', tmp_path, 'train')
     test = D.load_split('cifar10', tmp_path, 'test')
     assert train.images.shape == (20, 3, 32, 32) and train.images.dtype == torch.uint8 and len(test) == 4
@@ -48,10 +49,10 @@ def test_cifar10_files_are_checked(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match='md5 of the official CIFAR-10 release'):
         D.load_split('cifar10', tmp_path, 'train')  # the real md5s: these fake files are not the release
     # a file that would run code is refused by the unpickler, even with a matching md5
-    evil = tmp_path / D.CIFAR10_DIR / 'test_batch'
+    evil = tmp_path / S.CIFAR10_DIR / 'test_batch'
     evil.write_bytes(pickle.dumps({b'data': np.zeros((1, 3072), np.uint8), b'labels': [0], b'x': print}))
-    table['test'] = [('test_batch', D._md5(evil))]
-    monkeypatch.setattr(D, 'CIFAR10_FILES', table)
+    table['test'] = [('test_batch', S._md5(evil))]
+    monkeypatch.setattr(S, 'CIFAR10_FILES', table)
     with pytest.raises(pickle.UnpicklingError, match='refusing builtins.print'):
         D.load_split('cifar10', tmp_path, 'test')
 
@@ -72,7 +73,7 @@ def test_npz_jpeg_and_array_layouts(tmp_path):
     test = D.load_split('npz', tmp_path / 'a.npz', 'test')
     assert test.labels.tolist() == [1, 2] and torch.equal(test.images, train.images[:2])
     with pytest.raises(ValueError, match='no y_val'):
-        D._npz_split(tmp_path / 'a.npz', 'val', None, False)
+        S._npz_split(tmp_path / 'a.npz', 'val')
 
 
 def test_folder_and_subset(tmp_path):
@@ -101,7 +102,7 @@ def test_augment_on_the_device():
     assert torch.equal(D.augment(x, 'rrc', u=u)[:8], D.augment(x[:8], 'rrc', u=u[:8]))  # a slice of the draws
     u_full = torch.tensor([[1.0, 0.5, 0.5, 0.5, 0.9]]).expand(64, 5)  # area 1, ratio 1, centred, no flip
     assert torch.allclose(D.augment(x, 'rrc', u=u_full), x, atol=1e-5)
-    with pytest.raises(ValueError, match="'center' or 'rrc'"):
+    with pytest.raises(ValueError, match=r"one of \('center', 'flip', 'rrc'\)"):
         D.augment(x, 'cutmix')
 
 
@@ -122,9 +123,9 @@ def test_a_subset_is_chosen_before_decoding(folder, monkeypatch):
     """load_split(limit=) decodes only the subset, and it is the subset ImageData.subset keeps (same images, order)."""
     from ldae_models.data import load_split
     decoded = []
-    original = D._decode
-    monkeypatch.setattr(D, '_decode', lambda sources, *a: decoded.append(len(sources)) or original(sources, *a))
+    original = S.decode_batch
+    monkeypatch.setattr(S, 'decode_batch', lambda items, *a, **k: decoded.append(len(items)) or original(items, *a, **k))
     part = load_split('folder', folder, 'train', 16, progress=False, limit=7, seed=3)
-    assert decoded == [7]
+    assert sum(decoded) == 7 + 1  # the 7 images, and the first once more to learn the size
     whole = load_split('folder', folder, 'train', 16, progress=False).subset(7, seed=3)
     assert torch.equal(part.images, whole.images) and torch.equal(part.labels, whole.labels)

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from ldae_models import distill as D
+from ldae_models import engine as E
 from ldae_models import train as T
 from ldae_models.cli import main
 from conftest import free_port, killer_script
@@ -142,7 +143,7 @@ def test_a_killed_distillation_resumes_exactly(folder, teacher, tmp_path, amp):
     assert full.returncode == 0, full.stderr
     cut = go(tmp_path / 'cut', env={'KILL_AFTER_SAVES': '2'})  # killed in stage 1, after step 4 of 10
     assert cut.returncode == -9
-    assert torch.load(tmp_path / 'cut' / 'distill' / T.CKPT_NAME, weights_only=True)['step'] == 4
+    assert torch.load(tmp_path / 'cut' / 'distill' / E.CKPT_NAME, weights_only=True)['step'] == 4
     resumed = go(tmp_path / 'cut', '--resume')
     assert resumed.returncode == 0, resumed.stderr
     for stage in ('distill', 'task'):

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import ldae_models
+from ldae_models import engine as E
 from ldae_models import train as T
 from ldae_models.cli import main
 from conftest import TINY, free_port, killer_script, randomize_, rel_err, smooth_images
@@ -56,7 +57,7 @@ def test_training_steps_and_loadable_result(folder, tmp_path):
     assert enc.tokenizer.fitted and enc.tokenizer.num_patches.item() == 40 * 16
     back = timm.create_model(f'local-dir:{tmp_path / "run/encoder"}', pretrained=True)
     assert back(torch.randn(1, 3, 16, 16)).shape == (1, 32)
-    ckpt = torch.load(tmp_path / 'run' / T.CKPT_NAME, weights_only=True)  # plain containers and tensors only
+    ckpt = torch.load(tmp_path / 'run' / E.CKPT_NAME, weights_only=True)  # plain containers and tensors only
     assert ckpt['step'] == 10 and 'ema' in ckpt and 'optimizer' in ckpt and ckpt['config']['model_args'] == json.loads(
         TINY_ARGS)
     img = next((folder / 'test' / 'class0').iterdir())
@@ -81,19 +82,19 @@ def test_schedule_follows_the_runs_real_length(folder, tmp_path):
     lrs = [r['lr'] for r in logs(tmp_path / 's') if 'lr' in r]
     assert len(lrs) == 8 and max(lrs) == pytest.approx(1e-3) and lrs.index(max(lrs)) == 1  # 2 warmup steps of 8
     assert lrs[-1] < 0.1 * max(lrs)
-    assert lrs == [T.lr_at(s, 8, 2, 1e-3) for s in range(8)]
+    assert lrs == [E.lr_at(s, 8, 2, 1e-3) for s in range(8)]
 
 
 def test_bf16_is_emulated_with_a_warning_on_a_cpu_without_bf16(folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(T, 'cpu_has_native_bf16', lambda: False)
+    monkeypatch.setattr(E.runtime, 'cpu_has_native_bf16', lambda: False)
     with pytest.warns(UserWarning, match='no native bf16.*many times slower'):
-        assert T.resolve_amp('bf16', torch.device('cpu')) == dict(device_type='cpu', dtype=torch.bfloat16)
+        assert E.resolve_amp('bf16', torch.device('cpu')) == dict(device_type='cpu', dtype=torch.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter('error')
-        assert T.resolve_amp('auto', torch.device('cpu')) is None  # auto: silently float32
-    monkeypatch.setattr(T, 'cpu_has_native_bf16', lambda: True)
-    assert T.resolve_amp('bf16', torch.device('cpu')) == dict(device_type='cpu', dtype=torch.bfloat16)
-    assert T.resolve_amp('off', torch.device('cpu')) is None
+        assert E.resolve_amp('auto', torch.device('cpu')) is None  # auto: silently float32
+    monkeypatch.setattr(E.runtime, 'cpu_has_native_bf16', lambda: True)
+    assert E.resolve_amp('bf16', torch.device('cpu')) == dict(device_type='cpu', dtype=torch.bfloat16)
+    assert E.resolve_amp('off', torch.device('cpu')) is None
 
 
 def test_bf16_convolution_on_a_map_smaller_than_its_stride_gets_its_whole_gradient():
@@ -106,7 +107,7 @@ def test_bf16_convolution_on_a_map_smaller_than_its_stride_gets_its_whole_gradie
     conv(x).square().sum().backward()
     ref, conv.weight.grad = conv.weight.grad.clone(), None
     assert ref[:, :, 0].abs().max() == 0  # the taps that see only padding
-    guard = T.Float32DegenerateConvs(conv)
+    guard = E.Float32DegenerateConvs(conv)
     for i in range(3):
         junk = torch.full((64 * 64 * 9 * 4,), float('nan'))  # leave garbage where the allocator looks next
         del junk
@@ -158,13 +159,13 @@ def test_killed_run_resumes_to_the_uninterrupted_state(folder, tmp_path, aug, am
     killed = run_script(base_args(folder, tmp_path / 'cut', '--aug', aug, '--amp', amp),
                         env={'KILL_AFTER_SAVES': '2'}, wrapper=_KILLER)
     assert killed.returncode == -9
-    assert torch.load(tmp_path / 'cut' / T.CKPT_NAME, weights_only=True)['step'] == 4
+    assert torch.load(tmp_path / 'cut' / E.CKPT_NAME, weights_only=True)['step'] == 4
     assert not (tmp_path / 'cut/model.safetensors').exists()
     resumed = run_script(base_args(folder, tmp_path / 'cut', '--aug', aug, '--amp', amp, '--resume'))
     assert resumed.returncode == 0, resumed.stderr
     assert '"event": "resumed", "step": 4' in resumed.stdout
-    a = torch.load(tmp_path / 'full' / T.CKPT_NAME, weights_only=True)
-    b = torch.load(tmp_path / 'cut' / T.CKPT_NAME, weights_only=True)
+    a = torch.load(tmp_path / 'full' / E.CKPT_NAME, weights_only=True)
+    b = torch.load(tmp_path / 'cut' / E.CKPT_NAME, weights_only=True)
     for part in ('model', 'ema'):
         assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part])
     sa, sb = a['optimizer']['state'], b['optimizer']['state']
@@ -176,14 +177,14 @@ def test_killed_run_resumes_to_the_uninterrupted_state(folder, tmp_path, aug, am
 # SIGTERM to itself in the middle of step $TERM_AT_STEP (0-based), between two checkpoints (every 2 steps)
 _TERMINATOR = """
 import os, signal, sys
-import ldae_models.train as T
+import ldae_models.engine.loop as L
 from ldae_models.cli import main
-orig = T.lr_at
+orig = L.lr_at
 def lr_then_signal(step, *a, **k):
     if step == int(os.environ['TERM_AT_STEP']):
         os.kill(os.getpid(), signal.SIGTERM)
     return orig(step, *a, **k)
-T.lr_at = lr_then_signal
+L.lr_at = lr_then_signal
 sys.exit(main(['train'] + sys.argv[1:]))
 """
 
@@ -193,9 +194,9 @@ def test_sigterm_checkpoints_at_the_step_reached_and_the_resumed_run_is_exact(fo
     assert full.returncode == 0, full.stderr
     cut = run_script(base_args(folder, tmp_path / 'cut', '--aug', 'rrc', '--amp', 'off'), env={'TERM_AT_STEP': '2'},
                      wrapper=_TERMINATOR)
-    assert cut.returncode == T.PREEMPTED_EXIT_CODE == 75, cut.stderr
+    assert cut.returncode == E.PREEMPTED_EXIT_CODE == 75, cut.stderr
     assert 'SIGTERM: stopped at step 3' in cut.stderr and 'continue with --resume' in cut.stderr
-    assert torch.load(tmp_path / 'cut' / T.CKPT_NAME, weights_only=True)['step'] == 3  # the step reached, not 2
+    assert torch.load(tmp_path / 'cut' / E.CKPT_NAME, weights_only=True)['step'] == 3  # the step reached, not 2
     assert any(r.get('event') == 'preempted' and r['step'] == 3 for r in logs(tmp_path / 'cut'))
     resumed = run_script(base_args(folder, tmp_path / 'cut', '--aug', 'rrc', '--amp', 'off', '--resume'))
     assert resumed.returncode == 0, resumed.stderr
@@ -260,7 +261,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path, mon
     monkeypatch.setattr(ldae_models.LatentDAE, 'training_loss', poisoned)
     with pytest.raises(FloatingPointError, match=r'non-finite loss \(nan\) at step 5.*last good checkpoint is kept'):
         T.train(config(folder, out, '--log-every', '100', '--nan-check-every', '100'))  # read at the checkpoint
-    good = torch.load(out / T.CKPT_NAME, weights_only=True)
+    good = torch.load(out / E.CKPT_NAME, weights_only=True)
     assert good['step'] == 4 and all(torch.isfinite(v).all() for v in good['model'].values())
     assert not (out / 'model.safetensors').exists()
 
@@ -375,7 +376,7 @@ def test_the_optimizer_is_timms_with_weight_decay_groups(folder, tmp_path):
     from ldae_models.distill import DistillConfig
     parts = torch.nn.ModuleDict(dict(student=timm.create_model('vit_tiny_patch16_224', img_size=16, patch_size=4,
                                                                 depth=1, num_classes=2), projector=torch.nn.Linear(8, 8)))
-    opt = T.build_optimizer(parts, DistillConfig(weight_decay=0.05), 1e-3, torch.device('cpu'))
+    opt = E.build_optimizer(parts, DistillConfig(weight_decay=0.05), 1e-3, torch.device('cpu'))
     names = {id(p): n for n, p in parts.named_parameters()}
     decay = {g['weight_decay']: {names[id(p)] for p in g['params']} for g in opt.param_groups}
     assert set(decay) == {0.0, 0.05} and type(opt).__name__ == 'AdamW'
@@ -384,7 +385,7 @@ def test_the_optimizer_is_timms_with_weight_decay_groups(folder, tmp_path):
     assert all(n.endswith('weight') and 'norm' not in n for n in decay[0.05])
     out = tmp_path / 'sgd'
     res = T.train(config(folder, out, '--opt', 'sgd', '--lr', '1e-2', '--max-steps', '2', '--ema', '0'))
-    state = torch.load(out / T.CKPT_NAME, weights_only=True)
+    state = torch.load(out / E.CKPT_NAME, weights_only=True)
     assert res['step'] == 2 and 'momentum_buffer' in next(iter(state['optimizer']['state'].values()))
     with pytest.raises(ValueError, match="--opt 'nope'"):
         T.train(config(folder, tmp_path / 'nope', '--opt', 'nope', '--max-steps', '1'))

@@ -1,4 +1,5 @@
-"""Where images come from: data sets in memory (or streamed), and batched augmentation on the device.
+"""Data sets the way users have them, as splits: ``open_split`` lists a split without decoding it, ``load_split``
+decodes it into memory.
 
 A data set is named by a kind and a root (``--dataset KIND --data-root ROOT`` on the command line):
 
@@ -13,26 +14,30 @@ kind             root
                  (N, H, W, 3 uint8), and ``y_{split}``: the layout of this project's CIFAR-10 copy
 ===============  =====================================================================================================
 
-``load_split`` decodes a split once into an ``ImageData``: uint8 images (N, 3, H, W) and int64 labels, resized
-(shorter side) and center-cropped to the model's size when they differ. That fits CIFAR-10 (150 MB) and any data
-set of a similar size; it moves to the GPU with ``.to(device)`` and batches are cut from it there, so a training step
-reads no file and decodes nothing. ImageNet-scale folders stream instead (``train.py``'s DataLoader path).
+A ``Split`` holds labels, class names and, per image, what the data set stores (a file's path, a slice of encoded
+bytes, or a uint8 array); it costs bytes per image, not pixels, so an ImageNet-size folder is listed in seconds and
+streamed (``loader``). Paths are kept in one numpy array (not a list of Python strings), which DataLoader workers
+share without copying. ``Split.decode(size)`` (what ``load_split`` does) decodes every image once with
+``decode.decode_batch`` into one preallocated uint8 tensor (N, 3, size, size), optionally a file that the processes
+of one machine share (``shared_file``), and returns an ``ImageData``.
 
 CIFAR-10's python files are pickles: they are read with an unpickler that accepts only numpy arrays and plain
 containers, after their md5 is checked against the official release.
 """
 import hashlib
 import io
-import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
-__all__ = ['ImageData', 'DATASETS', 'load_split', 'split_exists', 'subset_indices', 'normalize', 'augment', 'open_rgb', 'CIFAR10_FILES']
+from .decode import Item, decode_batch
+
+__all__ = ['ImageData', 'Split', 'DATASETS', 'open_split', 'load_split', 'split_exists', 'subset_indices',
+           'open_rgb', 'CIFAR10_FILES']
 
 DATASETS = ('folder', 'cifar10', 'npz')
 # torchvision's CIFAR-10 python release: the files and their md5 (the same list torchvision checks)
@@ -46,6 +51,7 @@ CIFAR10_FILES = {
     'test': [('test_batch', '40351d587109b95175f43aff81a1287e')],
 }
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+
 
 
 @dataclass
@@ -78,92 +84,125 @@ class ImageData:
 
 def subset_indices(n: int, limit: int, seed: int = 0) -> Optional[torch.Tensor]:
     """The images of a seeded random subset of ``limit`` of ``n`` (None: all of them), in the subset's order: what
-    ``ImageData.subset`` keeps and ``load_split(limit=)`` decodes."""
+    ``ImageData.subset`` and ``Split.subset`` keep."""
     if not limit or limit >= n:
         return None
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)
-              ) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 ``(x / 255 - mean) / std`` on the images' device (default: [-1, 1])."""
-    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    return (images.float() / 255.0 - m) / s
+class Split:
+    """A split before decoding: ``labels`` (N,) int64, ``classes``, and ``item(i)`` (what the data set stores for
+    image i: encoded bytes as a uint8 1-D tensor, or a uint8 (3, H, W) image) with ``name(i)`` for errors. A subset
+    keeps the stored items and an index into them."""
+
+    def __init__(self, labels: torch.Tensor, classes: Sequence[str], where: str,
+                 index: Optional[np.ndarray] = None) -> None:
+        self.labels, self.classes, self.where, self.index = labels, list(classes), where, index
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _item(self, j: int) -> Item:
+        raise NotImplementedError
+
+    def _name(self, j: int) -> str:
+        return f'image {j} of {self.where}'
+
+    def _pos(self, i: int) -> int:
+        return int(self.index[i]) if self.index is not None else i
+
+    def item(self, i: int) -> Item:
+        return self._item(self._pos(i))
+
+    def name(self, i: int) -> str:
+        return self._name(self._pos(i))
+
+    def take(self, idx: Union[torch.Tensor, Sequence[int]]) -> 'Split':
+        """The images ``idx`` (positions in this split), in that order."""
+        idx = np.asarray(idx.tolist() if torch.is_tensor(idx) else idx, dtype=np.int64)
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.index = idx if self.index is None else self.index[idx]
+        new.labels = self.labels[torch.from_numpy(idx)]
+        return new
+
+    def subset(self, limit: int, seed: int = 0) -> 'Split':
+        """The seeded random subset of ``ImageData.subset`` (same images, same order), chosen before any decoding."""
+        idx = subset_indices(len(self), limit, seed)
+        return self if idx is None else self.take(idx)
+
+    def nbytes(self, size: int) -> int:
+        """Bytes of the split decoded at ``size`` x ``size``."""
+        return len(self) * 3 * size * size
+
+    def decode(self, size: Optional[int], progress: bool = False, shared_file: Optional[str] = None,
+               batch: int = 256) -> ImageData:
+        """Every image decoded once (``decode.decode_batch`` on the CPU, ``batch`` at a time) into one preallocated
+        uint8 tensor (N, 3, size, size); with ``shared_file``, a file-backed tensor (e.g. under /dev/shm) that other
+        processes of the machine map with ``ImageData`` of ``torch.from_file`` instead of decoding again."""
+        from tqdm.auto import tqdm
+        n = len(self)
+        first = decode_batch([self.item(0)], size, names=[self.name(0)]) if n else None
+        side = size or (first.shape[-1] if first is not None else 0)
+        h = first.shape[-2] if first is not None else side
+        if shared_file:
+            images = torch.from_file(shared_file, shared=True, size=n * 3 * h * side, dtype=torch.uint8)
+            images = images.view(n, 3, h, side)
+        else:
+            images = torch.empty(n, 3, h, side, dtype=torch.uint8)
+        with tqdm(total=n, desc=f'decoding {self.where}', unit='img', disable=None if progress else True,
+                  leave=False) as bar:
+            for lo in range(0, n, batch):
+                hi = min(n, lo + batch)
+                images[lo:hi] = decode_batch([self.item(i) for i in range(lo, hi)], size,
+                                             names=[self.name(i) for i in range(lo, hi)])
+                bar.update(hi - lo)
+        return ImageData(images, self.labels.clone(), self.classes)
 
 
-# -- augmentation on the device ---------------------------------------------------------------------------------
+class FileSplit(Split):
+    """Image files (an ImageFolder); the paths in one numpy bytes array."""
 
-def augment(images: torch.Tensor, mode: str, generator: Optional[torch.Generator] = None,
-            scale: Tuple[float, float] = (0.2, 1.0), ratio: Tuple[float, float] = (3 / 4, 4 / 3),
-            u: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Batched augmentation of float images (B, C, H, W), the random draws from ``generator`` (or given: ``u``, (B, 5)
-    uniforms in [0, 1), so that a rank can take its slice of draws made for a whole global batch).
+    def __init__(self, paths: Sequence[str], labels: torch.Tensor, classes: Sequence[str], where: str) -> None:
+        super().__init__(labels, classes, where)
+        self.paths = np.array([str(p).encode() for p in paths], dtype=np.bytes_)
 
-    ``'center'``: none (the images are already center-cropped to size: the paper's default). ``'rrc'``: a random
-    resized crop (area fraction in ``scale``, aspect ratio in ``ratio``, log-uniform; MAE's ranges) back to H x W with
-    bilinear sampling, and a horizontal flip with probability 1/2.
-    """
-    if mode == 'center':
-        return images
-    if mode != 'rrc':
-        raise ValueError(f"augmentation must be 'center' or 'rrc', got {mode!r}")
-    B = images.shape[0]
-    if u is None:
-        dev = generator.device if generator is not None else images.device
-        u = torch.rand(B, 5, generator=generator, device=dev)
-    u = u.to(images.device)
-    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
-    r = log_r.exp()
-    w = (area * r).sqrt().clamp(max=1.0)   # crop width and height as fractions of the image
-    h = (area / r).sqrt().clamp(max=1.0)
-    cx = (1 - w) * (2 * u[:, 2] - 1)       # crop centre in [-1, 1] coordinates, the crop inside the image
-    cy = (1 - h) * (2 * u[:, 3] - 1)
-    flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
-    theta = torch.zeros(B, 2, 3, device=images.device)
-    theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
-    theta[:, 1, 1], theta[:, 1, 2] = h, cy
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode='bilinear', padding_mode='reflection', align_corners=False)
+    def _item(self, j: int) -> Item:
+        with open(self.paths[j].decode(), 'rb') as f:
+            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+
+    def _name(self, j: int) -> str:
+        return self.paths[j].decode()
 
 
-# -- decoding ----------------------------------------------------------------------------------------------------
+class BytesSplit(Split):
+    """Encoded images concatenated in one byte array, image j at ``buf[offsets[j]:offsets[j + 1]]``."""
 
-def _resize_crop(img: torch.Tensor, size: Optional[int]) -> torch.Tensor:
-    """uint8 (C, H, W): shorter side to ``size`` (bicubic, antialiased), then a center crop; as is without a size."""
-    if size is None or tuple(img.shape[-2:]) == (size, size):
-        return img
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms.functional import center_crop, resize
-    return center_crop(resize(img, size, interpolation=InterpolationMode.BICUBIC, antialias=True), [size, size])
+    def __init__(self, buf: np.ndarray, offsets: np.ndarray, labels: torch.Tensor, classes: Sequence[str],
+                 where: str) -> None:
+        super().__init__(labels, classes, where)
+        self.buf, self.offsets = buf, offsets
 
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit='img', disable=None if enabled else True, leave=False)
+    def _item(self, j: int) -> Item:
+        return torch.from_numpy(self.buf[self.offsets[j]:self.offsets[j + 1]].copy())
 
 
-def _decode(sources: List[Union[bytes, str]], size: Optional[int], desc: str, progress: bool) -> torch.Tensor:
-    """Decode encoded images (bytes) or image files (paths) with Pillow into uint8 (N, 3, H, W), resized when asked."""
-    import numpy as np
-    from PIL import Image
-    out = []
-    with _progress(len(sources), desc, progress) as bar:
-        for i, src in enumerate(sources):
-            try:
-                with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-                    img = torch.from_numpy(np.asarray(im.convert('RGB')).copy()).permute(2, 0, 1)
-            except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated, unidentified, corrupt
-                raise ValueError(f'{describe_source(src, i, desc)}: cannot decode the image ({e})') from None
-            out.append(_resize_crop(img, size))
-            bar.update(1)
-    return torch.stack(out)
+class ArraySplit(Split):
+    """Decoded uint8 images (N, 3, H, W) (torchvision's CIFAR-10, an .npz of pixels)."""
 
+    def __init__(self, images: np.ndarray, labels: torch.Tensor, classes: Sequence[str], where: str) -> None:
+        super().__init__(labels, classes, where)
+        self.images = images
 
-def describe_source(src: Union[bytes, str], index: int, desc: str) -> str:
-    """How an error names an image: its path, or its index in an array of encoded images."""
-    return str(src) if not isinstance(src, bytes) else f'image {index} of {desc.replace("decoding ", "")}'
+    def _item(self, j: int) -> Item:
+        return torch.from_numpy(np.ascontiguousarray(self.images[j]))
+
+    def decode(self, size: Optional[int], progress: bool = False, shared_file: Optional[str] = None,
+               batch: int = 256) -> ImageData:
+        if shared_file is None and (size is None or tuple(self.images.shape[-2:]) == (size, size)):
+            x = self.images if self.index is None else self.images[self.index]
+            return ImageData(torch.from_numpy(np.ascontiguousarray(x)), self.labels.clone(), self.classes)
+        return super().decode(size, progress, shared_file, batch)
 
 
 def open_rgb(path: str):
@@ -176,9 +215,7 @@ def open_rgb(path: str):
         raise ValueError(f'{path}: cannot decode the image ({e})') from None
 
 
-def _npz_split(path: Path, split: str, size: Optional[int], progress: bool, limit: int = 0, seed: int = 0
-               ) -> ImageData:
-    import numpy as np
+def _npz_split(path: Path, split: str) -> Split:
     if not path.is_file():
         raise FileNotFoundError(f'--data-root {path}: no such .npz file')
     with np.load(path, allow_pickle=False) as d:
@@ -187,23 +224,18 @@ def _npz_split(path: Path, split: str, size: Optional[int], progress: bool, limi
             raise ValueError(f'{path} has no y_{split} array (keys: {", ".join(sorted(keys))})')
         labels = torch.from_numpy(d[f'y_{split}'].astype('int64'))
         classes = [str(c) for c in d['classes']] if 'classes' in keys else [str(i) for i in range(int(labels.max()) + 1)]
-        idx = subset_indices(len(labels), limit, seed)
-        chosen = range(len(labels)) if idx is None else idx.tolist()
-        labels = labels if idx is None else labels[idx]
+        where = f'{path.name} {split}'
         if f'{split}_jpeg' in keys:
-            buf, off = d[f'{split}_jpeg'], d[f'{split}_offsets']
-            images = _decode([buf[off[i]:off[i + 1]].tobytes() for i in chosen], size,
-                             f'decoding {path.name} {split}', progress)
+            out: Split = BytesSplit(d[f'{split}_jpeg'], d[f'{split}_offsets'], labels, classes, where)
+            count = len(out.offsets) - 1
         elif f'x_{split}' in keys:
-            x = d[f'x_{split}']
-            images = torch.from_numpy(x if idx is None else x[idx.numpy()]).permute(0, 3, 1, 2).contiguous()
-            if size is not None and images.shape[-1] != size:
-                images = torch.stack([_resize_crop(im, size) for im in images])
+            out = ArraySplit(np.ascontiguousarray(d[f'x_{split}'].transpose(0, 3, 1, 2)), labels, classes, where)
+            count = len(out.images)
         else:
             raise ValueError(f'{path} has neither {split}_jpeg + {split}_offsets nor x_{split}')
-    if len(images) != len(labels):
-        raise ValueError(f'{path}: {len(images)} {split} images but {len(labels)} labels')
-    return ImageData(images, labels, classes)
+    if count != len(labels):
+        raise ValueError(f'{path}: {count} {split} images but {len(labels)} labels')
+    return out
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -227,8 +259,8 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def _cifar10_split(root: Path, split: str, size: Optional[int], download: bool, limit: int = 0, seed: int = 0
-                   ) -> ImageData:
+
+def _cifar10_split(root: Path, split: str, download: bool) -> Split:
     folder = root / CIFAR10_DIR
     if not folder.is_dir():
         if not download:
@@ -249,16 +281,10 @@ def _cifar10_split(root: Path, split: str, size: Optional[int], download: bool, 
                              f'delete {folder} and download it again')
         with open(path, 'rb') as f:
             entry = _ArraysOnly(io.BytesIO(f.read()), encoding='bytes').load()
-        data = entry[b'data']
-        images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
+        images.append(entry[b'data'].reshape(-1, 3, 32, 32))
         labels += list(entry[b'labels'])
-    x, y = torch.cat(images), torch.tensor(labels, dtype=torch.int64)
-    idx = subset_indices(len(y), limit, seed)
-    if idx is not None:
-        x, y = x[idx], y[idx]
-    if size is not None and size != 32:
-        x = torch.stack([_resize_crop(im, size) for im in x])
-    return ImageData(x, y, CIFAR10_CLASSES)
+    return ArraySplit(np.concatenate(images), torch.tensor(labels, dtype=torch.int64), CIFAR10_CLASSES,
+                      f'CIFAR-10 {split}')
 
 
 def _folder_root(root: Path, split: str) -> Path:
@@ -271,16 +297,14 @@ def _folder_root(root: Path, split: str) -> Path:
     raise FileNotFoundError(f'no {" or ".join(names)} folder under {root}')
 
 
-def _folder_split(root: Path, split: str, size: Optional[int], progress: bool, limit: int = 0, seed: int = 0
-                  ) -> ImageData:
+
+def _folder_split(root: Path, split: str) -> Split:
     from torchvision.datasets import ImageFolder
     folder = ImageFolder(str(_folder_root(root, split)))
     if len(folder) == 0:
         raise FileNotFoundError(f'no images under {folder.root}')
-    idx = subset_indices(len(folder), limit, seed)
-    samples = folder.samples if idx is None else [folder.samples[i] for i in idx.tolist()]
-    images = _decode([p for p, _ in samples], size, f'decoding {folder.root}', progress)
-    return ImageData(images, torch.tensor([c for _, c in samples], dtype=torch.int64), folder.classes)
+    return FileSplit([p for p, _ in folder.samples], torch.tensor(folder.targets, dtype=torch.int64), folder.classes,
+                     str(folder.root))
 
 
 def split_exists(dataset: str, root: Union[str, Path], split: str) -> bool:
@@ -295,27 +319,35 @@ def split_exists(dataset: str, root: Union[str, Path], split: str) -> bool:
     if dataset == 'npz':
         if not root.is_file():
             raise FileNotFoundError(f'--data-root {root}: no such .npz file')
-        import numpy as np
         with np.load(root, allow_pickle=False) as d:
             return f'y_{split}' in d.files
     return True
 
 
-def load_split(dataset: str, root: Union[str, Path], split: str = 'train', img_size: Optional[int] = None,
-               download: bool = False, progress: bool = True, limit: int = 0, seed: int = 0) -> ImageData:
-    """Decode a split (``'train'`` or ``'test'``) of a data set into memory (see the module docstring).
-
-    ``img_size`` resizes (shorter side) and center-crops images of another size; decoding shows a progress bar.
-    ``limit`` decodes only a seeded random subset of that many images (``ImageData.subset``'s, chosen before any
-    decoding: the memory and the time of the subset, not of the split).
-    """
+def open_split(dataset: str, root: Union[str, Path], split: str = 'train', download: bool = False,
+               limit: int = 0, seed: int = 0) -> Split:
+    """A split (``'train'`` or ``'test'``) of a data set, listed but not decoded; ``limit`` keeps a seeded random
+    subset of that many images (``subset_indices``)."""
     if dataset not in DATASETS:
         raise ValueError(f'--dataset must be one of {DATASETS}, got {dataset!r}')
     if split not in ('train', 'test'):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = Path(root)
     if dataset == 'npz':
-        return _npz_split(root, split, img_size, progress, limit, seed)
-    if dataset == 'cifar10':
-        return _cifar10_split(root, split, img_size, download, limit, seed)
-    return _folder_split(root, split, img_size, progress, limit, seed)
+        out = _npz_split(root, split)
+    elif dataset == 'cifar10':
+        out = _cifar10_split(root, split, download)
+    else:
+        out = _folder_split(root, split)
+    return out.subset(limit, seed)
+
+
+def load_split(dataset: str, root: Union[str, Path], split: str = 'train', img_size: Optional[int] = None,
+               download: bool = False, progress: bool = True, limit: int = 0, seed: int = 0) -> ImageData:
+    """Decode a split (``'train'`` or ``'test'``) of a data set into memory: ``open_split`` then ``Split.decode``.
+
+    ``img_size`` resizes (shorter side) and center-crops images of another size; decoding shows a progress bar.
+    ``limit`` decodes only a seeded random subset of that many images (``ImageData.subset``'s, chosen before any
+    decoding: the memory and the time of the subset, not of the split).
+    """
+    return open_split(dataset, root, split, download, limit, seed).decode(img_size, progress)
