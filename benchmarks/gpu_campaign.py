@@ -2,14 +2,20 @@
 trends, every run probed against the floors, and the long run's weights.
 
     # on the GPU, in the background (so that a closed terminal or a short command limit does not stop it)
-    nohup python benchmarks/gpu_campaign.py --npz CIFAR10.npz --work runs/campaign \\
-        --budget-min 21 > runs/campaign.log 2>&1 &
+    nohup python benchmarks/gpu_campaign.py --npz CIFAR10.npz --work runs/campaign > runs/campaign.log 2>&1 &
     tail -n 3 runs/campaign/progress.log                          # its progress
     python benchmarks/gpu_campaign.py --collect runs/campaign --out results/   # the files to keep (8 at most)
 
     python benchmarks/gpu_campaign.py --smoke --npz CIFAR10.npz --work runs/smoke --out runs/smoke_out  # CPU
 
-In order (each stage appends to ``WORK/progress.log`` and rewrites ``WORK/results.json``):
+The default budget is 8 minutes on one GPU (``--budget-min``), start-up included: the whole plan fits one command of
+at most 10 minutes. Results are written as they come: every finished run, probe and floor rewrites
+``WORK/results.json`` and ``WORK/results.md`` at once, and training runs still going when the budget ends are stopped
+with SIGTERM (they checkpoint and exit 75; ``--resume`` continues them), so a command cut at its limit leaves every
+finished row. At the default budget the throughput stage measures the tiny DAE and ViT-B/16 only (ViT-L/16 with
+``--budget-min`` 15 or more). Nothing here has run on a GPU yet: the stage times are estimates.
+
+In order (each stage appends to ``WORK/progress.log``):
 
 1. ``throughput``: ``bench_train_throughput`` (the l-DAE step beside timm's ViT step, MFU) for the tiny and small
    DAE at 32 px and ViT-B/16 and ViT-L/16 at 256 px;
@@ -75,9 +81,14 @@ class Campaign:
         with open(self.work / 'progress.log', 'a') as f:
             f.write(line + '\n')
 
-    def save(self) -> None:
+    def save(self, report: bool = True) -> None:
+        """results.json, and results.md beside it: a campaign cut at any moment leaves every finished row."""
         self.results['elapsed_min'] = round((time.time() - self.t0) / 60, 2)
-        (self.work / 'results.json').write_text(json.dumps(self.results, indent=2, default=str))
+        tmp = self.work / 'results.json.tmp'
+        tmp.write_text(json.dumps(self.results, indent=2, default=str))
+        os.replace(tmp, self.work / 'results.json')
+        if report:
+            self.write_report(plots=False)
 
     def left_s(self) -> float:
         return self.args.budget_min * 60 - (time.time() - self.t0)
@@ -116,8 +127,10 @@ class Campaign:
         import bench_train_throughput as B
         if self.args.smoke:
             models, sizes, rounds = ['ldae_vit_tiny_patch4_32'], [8], 1
-        else:
-            models, sizes, rounds = B.DEFAULT_MODELS, B.DEFAULT_BATCH, 3
+        else:  # ViT-L/16 only where the budget has room for it
+            keep = [i for i, m in enumerate(B.DEFAULT_MODELS) if self.args.budget_min >= 15 or 'large' not in m]
+            models, sizes = [B.DEFAULT_MODELS[i] for i in keep], [B.DEFAULT_BATCH[i] for i in keep]
+            rounds = 3 if self.args.budget_min >= 15 else 1
         try:
             res = B.run(models, sizes, rounds=rounds)
             res['table'] = B.table(res)
@@ -137,8 +150,10 @@ class Campaign:
                  '--quiet', '--workers', '0']
         if a.smoke:
             flags += ['--model-args', json.dumps(dict(embed_dim=64, depth=2, num_heads=2)), '--device', 'cpu']
-        if long and a.ema:
-            flags += ['--ema', str(a.ema)]
+        if long:  # checkpoints every 200 steps: a run stopped at the budget resumes from there
+            flags[flags.index('--ckpt-every') + 1] = '200'
+            if a.ema:
+                flags += ['--ema', str(a.ema)]
         return flags + extra
 
     def run_parallel(self, jobs: Dict[str, List[str]], parallel: int) -> Dict[str, Dict[str, Any]]:
@@ -153,6 +168,12 @@ class Campaign:
                 running[name] = (subprocess.Popen(self.python(*argv), stdout=logf, stderr=subprocess.STDOUT, env=env),
                                  time.time(), logf)
             time.sleep(2)
+            if self.left_s() < self.args.reserve_min * 60 * 0.5:  # the budget ends: stop (they checkpoint, exit 75)
+                for name, (proc, _, _) in running.items():
+                    if proc.poll() is None:
+                        self.log(f'  run {name}: stopped at the budget (SIGTERM)')
+                        proc.terminate()
+                pending.clear()
             for name, (proc, start, logf) in list(running.items()):
                 if proc.poll() is None:
                     continue
@@ -296,7 +317,7 @@ class Campaign:
         self.log('campaign done')
 
     # -- report -----------------------------------------------------------------------------------------------------
-    def write_report(self) -> None:
+    def write_report(self, plots: bool = True) -> None:
         r = self.results
         fl = r.get('floors', {})
         lines = [f"# GPU campaign ({'smoke, toy size' if self.args.smoke else 'full'}), {r['elapsed_min']} min", '',
@@ -318,8 +339,9 @@ class Campaign:
             if isinstance(v, dict):
                 lines.append(f"| floor: {k} | | | | | | {v.get('top1')} | {v.get('knn_top1', '')} |")
         (self.work / 'results.md').write_text('\n'.join(lines) + '\n')
-        self.plots()
-        self.save()
+        if plots:
+            self.plots()
+            self.save(report=False)
 
     def plots(self) -> None:
         try:
@@ -380,9 +402,10 @@ def main() -> None:
     ap.add_argument('--out', help='with --collect (or after --smoke): where the files to bring back go')
     ap.add_argument('--collect', metavar='WORK', help='only gather the files of a finished campaign into --out')
     ap.add_argument('--smoke', action='store_true', help='toy size on a CPU: the whole plan in a few minutes')
-    ap.add_argument('--budget-min', type=float, default=21.0, help='minutes for the whole campaign')
-    ap.add_argument('--reserve-min', type=float, default=4.0, help='minutes kept for the probes after training')
-    ap.add_argument('--short-epochs', type=int, default=30, help='epochs of a sweep or trend run')
+    ap.add_argument('--budget-min', type=float, default=8.0, help='minutes for the whole campaign (default: one 10-minute '
+                                                                  'command with the start-up)')
+    ap.add_argument('--reserve-min', type=float, default=1.5, help='minutes kept for the probes after training')
+    ap.add_argument('--short-epochs', type=int, default=8, help='epochs of a sweep or trend run')
     ap.add_argument('--long-epochs', type=int, default=0, help='epochs of the long run (0: what the budget leaves)')
     ap.add_argument('--batch-size', type=int, default=512)
     ap.add_argument('--lr', type=float, default=1e-3)

@@ -99,6 +99,8 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument('--data-root', '--data-dir', dest='data_root', required=required,
                    help='the data set: ImageFolder root, the folder torchvision.datasets.CIFAR10(root) uses, or .npz')
     p.add_argument('--download', action='store_true', help='download CIFAR-10 where the network allows')
+    p.add_argument('--workers', type=_at_least(-1), default=-1,
+                   help='DataLoader workers streaming the images (-1: from the core count; 0: in this process)')
 
 
 # -- features, denoise, demo -----------------------------------------------------------------------------------------
@@ -397,28 +399,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 # -- extract and probe ------------------------------------------------------------------------------------------------
 
-def _split(args: argparse.Namespace, img_size: int, device: torch.device, split: str):
-    """One split of the data set (its ``--max-train`` / ``--max-test`` subset, chosen before decoding), decoded once
-    per command: the floors reuse it."""
-    from .data import load_split
+def _split(args: argparse.Namespace, split: str):
+    """One split of the data set, listed, not decoded (its ``--max-train`` / ``--max-test`` subset): extraction,
+    floors and MAE's probe stream it, so host memory stays flat in its size."""
+    from .data import open_split
     if not args.data_root:
         raise ValueError('--data-root is required (the data set to probe on)')
-    memo = args.__dict__.setdefault('_split_memo', {})
-    if (img_size, split) not in memo:
-        _stage(f'decoding the {split} split of {args.data_root}')
-        limit = getattr(args, 'max_train' if split == 'train' else 'max_test', 0)
-        memo[(img_size, split)] = load_split(args.dataset, args.data_root, split, img_size, download=args.download,
-                                             limit=limit, seed=getattr(args, 'seed', 0) + (split == 'test')).to(device)
-    return memo[(img_size, split)]
-
-
-def _splits(args: argparse.Namespace, img_size: int, device: torch.device):
-    """Both splits (``_split``)."""
-    return _split(args, img_size, device, 'train'), _split(args, img_size, device, 'test')
-
-
-def _img_size(model: torch.nn.Module) -> int:
-    return int(model.pretrained_cfg['input_size'][-1])
+    limit = getattr(args, 'max_train' if split == 'train' else 'max_test', 0)
+    return open_split(args.dataset, args.data_root, split, download=args.download, limit=limit,
+                      seed=getattr(args, 'seed', 0) + (split == 'test'))
 
 
 def _feature_meta(args: argparse.Namespace, model: torch.nn.Module) -> Dict[str, Any]:
@@ -428,24 +417,24 @@ def _feature_meta(args: argparse.Namespace, model: torch.nn.Module) -> Dict[str,
 
 
 def _split_features(args: argparse.Namespace, model: torch.nn.Module, cells: List[Any], device: torch.device,
-                    split: str, folder: Optional[str], shard_size: int = 50_000):
+                    split: str, folder: Optional[str], shard_size: int = 50_000, keep: bool = True):
     """(features, labels, extraction seconds) of one split at the (layer, t) ``cells`` (``features.feature_cells``):
     the cells ``folder/split`` holds are read, the others extracted and added to it."""
     from .features import cached_features, dataset_features
     seconds = [0.0]
 
-    def extract(layers: List[int], ts: List[Any]):
-        data = _split(args, _img_size(model), device, split)
+    def extract(layers: List[int], ts: List[Any], sink, keep: bool):
+        data = _split(args, split)
         _stage(f'extracting features of {len(data):,} {split} images at blocks {layers}, t {ts} on {device}')
         t0 = time.time()
         feats = dataset_features(model, data, layers=layers, ts=ts, noisy_input=args.noisy_input,
-                                 batch_size=args.batch_size_features, device=device,
-                                 seed=args.seed + (split == 'test'), desc=f'{split} features')
+                                 batch_size=args.batch_size_features, device=device, seed=args.seed + (split == 'test'),
+                                 desc=f'{split} features', sink=sink, keep=keep, workers=args.workers)
         seconds[0] = time.time() - t0
-        return feats, data.labels.cpu()
+        return feats, data.labels
 
     feats, labels = cached_features(folder and Path(folder) / split, dict(_feature_meta(args, model), split=split),
-                                    cells, extract, log=_stage, shard_size=shard_size)
+                                    cells, extract, log=_stage, shard_size=shard_size, keep=keep)
     return feats, labels, seconds[0]
 
 
@@ -468,9 +457,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
             raise ValueError(f'{args.data_root} has no {split} split (an ImageFolder needs ROOT/{split}'
                              f'{"/ or ROOT/val" if split == "test" else "/"}); choose --splits')
     for split in args.splits:
-        feats, labels, _ = _split_features(args, model, cells, device, split, args.out, args.shard_size)
-        args.__dict__.pop('_split_memo', None)  # one split in memory at a time
-        print(f'{Path(args.out) / split}: {len(labels):,} images x {len(feats)} (block, t) cells')
+        _, labels, _ = _split_features(args, model, cells, device, split, args.out, args.shard_size, keep=False)
+        print(f'{Path(args.out) / split}: {len(labels):,} images x {len(cells)} (block, t) cells')
     return 0
 
 
@@ -485,11 +473,17 @@ def cmd_probe(args: argparse.Namespace) -> int:
     result: Dict[str, Any] = dict(model=args.model, checkpoint=args.checkpoint, mode=args.mode, dataset=args.dataset,
                                   noisy_input=args.noisy_input, device=str(device))
     if args.mode == 'mae':
-        train, test = _splits(args, _img_size(model), device)
-        _stage(f"MAE's linear probe: {args.epochs} epochs, batch {args.batch_size}")
-        r = mae_linear_probe(model, train, test, layer=cells[0][0], t=args.t, noisy_input=args.noisy_input,
-                             epochs=args.epochs, warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
-                             micro_batch=args.micro_batch, blr=args.blr, device=device, seed=args.seed, progress=True)
+        from .engine import process_group
+        train, test = _split(args, 'train'), _split(args, 'test')
+        with process_group(args.device) as (rank, world, device):  # torchrun: every process takes its share
+            model = model.to(device)
+            _stage(f"MAE's linear probe: {args.epochs} epochs, batch {args.batch_size}, {world} process(es)")
+            r = mae_linear_probe(model, train, test, layer=cells[0][0], t=args.t, noisy_input=args.noisy_input,
+                                 epochs=args.epochs, warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
+                                 micro_batch=args.micro_batch, blr=args.blr, device=device, seed=args.seed,
+                                 progress=True, rank=rank, world=world, workers=args.workers)
+        if rank != 0:
+            return 0
         result.update(r, n_train=len(train), n_test=len(test))
         print(f"{args.model} (mae): top-1 {r['top1']:.2f}%")
     else:
@@ -521,9 +515,8 @@ def _floors(args: argparse.Namespace, model: torch.nn.Module, device: torch.devi
             layer: int) -> Dict[str, Any]:
     """The floors of the same run (``probe.floors``) on the splits the model was probed on."""
     from .probe import floors
-    train, test = _splits(args, _img_size(model), device)
-    result = floors(model, train, test, layer=layer, knn=args.knn, batch_size=args.batch_size_features,
-                    progress=True, log=_stage, **pk)
+    result = floors(model, _split(args, 'train'), _split(args, 'test'), layer=layer, knn=args.knn,
+                    batch_size=args.batch_size_features, progress=True, log=_stage, workers=args.workers, **pk)
     for name, r in result.items():
         print(f'floor {name}: linear top-1 {r["top1"]:.2f}%' + (f', kNN {r["knn_top1"]:.2f}%' if 'knn_top1' in r else ''))
     return result

@@ -1,9 +1,11 @@
 """Feature taps: pooled features at any layers and timesteps, for a batch or for a whole data set.
 
 ``extract_features(model, images, layers, ts)`` asks the encoder contract (``models.extractor``) of any zoo model or
-timm model. ``dataset_features`` runs it over a decoded data set in batches on a device, one forward pass per t per
-batch, with a progress bar; ``save_feature_shards`` / ``load_feature_shards`` keep the result as safetensors shards
-(what ``ldae-models extract`` writes and ``ldae-models probe --features`` reads).
+timm model. ``dataset_features`` runs it over a data set in batches on a device, one forward pass per t per batch,
+with a progress bar; the data set is decoded in memory (``ImageData``) or streamed (a ``data.Split``: host memory
+flat in its size). ``FeatureWriter`` writes the features as safetensors shards while they are extracted (what
+``ldae-models extract`` writes and ``ldae-models probe --features`` reads); ``cached_features`` reads the cells a
+folder holds and extracts only the others.
 """
 import json
 from pathlib import Path
@@ -12,11 +14,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .data import ImageData, normalize
+from .data import ImageData, Split, batches, normalize, sequential
 from .models.extractor import FeatureDict, LayerSpec, TimestepSpec, as_extractor  # noqa: F401
 
-__all__ = ['extract_features', 'ddae_grid_features', 'dataset_features', 'feature_key', 'save_feature_shards',
+__all__ = ['extract_features', 'dataset_features', 'feature_key', 'FeatureWriter', 'save_feature_shards',
            'load_feature_shards', 'read_feature_index', 'feature_cells', 'cached_features']
+
+Sink = Callable[[FeatureDict, torch.Tensor], None]  # told each batch's features and labels, in order
 
 
 def extract_features(model: nn.Module, images: torch.Tensor, **kwargs: Any) -> FeatureDict:
@@ -24,14 +28,6 @@ def extract_features(model: nn.Module, images: torch.Tensor, **kwargs: Any) -> F
     generator=None, pool=True)`` of any zoo model (conditional or merged encoder, full DAE, DiT encoder with or without
     VAE, DDAE UNet) or of any timm model with ``forward_intermediates`` (which has no t: ``ts=None``)."""
     return as_extractor(model).extract_features(images, **kwargs)
-
-
-def ddae_grid_features(model: nn.Module, images: torch.Tensor, out_ks: Sequence[int], ts: Sequence[float],
-                       noisy_input: Optional[bool] = None, generator: Optional[torch.Generator] = None) -> FeatureDict:
-    """DDAE's grid with DDAE's names: ``{(out_k, t): (B, C)}`` for 1-based decoder blocks ``out_k``."""
-    feats = extract_features(model, images, layers=[k - 1 for k in out_ks], ts=ts, noisy_input=noisy_input,
-                             generator=generator)
-    return {(layer + 1, t): f for (layer, t), f in feats.items()}
 
 
 def feature_key(layer: int, t: Optional[float]) -> str:
@@ -42,7 +38,7 @@ def feature_key(layer: int, t: Optional[float]) -> str:
 @torch.no_grad()
 def dataset_features(
         model: nn.Module,
-        data: ImageData,
+        data: Union[ImageData, Split],
         layers: LayerSpec = None,
         ts: TimestepSpec = None,
         noisy_input: Optional[bool] = None,
@@ -51,29 +47,48 @@ def dataset_features(
         seed: int = 0,
         progress: bool = True,
         desc: str = 'features',
+        sink: Optional[Sink] = None,
+        keep: bool = True,
+        workers: int = -1,
+        fn: Optional[Callable[[torch.Tensor], FeatureDict]] = None,
 ) -> FeatureDict:
     """Pooled features of every image of ``data`` at (layers, ts): ``{(layer, t): (N, C)}`` float32 on the host.
 
-    Images are normalised with the model's pretrained cfg (mean, std), batches run on ``device`` (under bf16 autocast
-    on a GPU), the noise of ``noisy_input`` is seeded by ``seed``. ``data`` may already live on ``device``.
+    ``data`` is decoded (``ImageData``, possibly on ``device`` already) or a ``data.Split``, streamed in order and
+    cropped to the model's input size. Images are normalised with the model's pretrained cfg (mean, std), batches run
+    on ``device`` (under bf16 autocast on a GPU), the noise of ``noisy_input`` is seeded by ``seed``. Each batch's
+    features go to ``sink`` (e.g. a ``FeatureWriter``) as they come; ``keep=False`` keeps none in memory (returns
+    ``{}``). ``fn`` replaces the model's extractor (a function of the normalised batch, e.g. raw pixels).
     """
-    extractor = as_extractor(model)
     cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
     mean, std = cfg.get('mean', (0.5,) * 3), cfg.get('std', (0.5,) * 3)
+    size = int(cfg['input_size'][-1]) if 'input_size' in cfg else None
     device = torch.device(device)
     gen = torch.Generator(device).manual_seed(seed)
-    parts: Dict[Any, List[torch.Tensor]] = {}
+    if fn is None:
+        extractor = as_extractor(model)
+        fn = lambda x: extractor.extract_features(x, layers=layers, ts=ts, noisy_input=noisy_input,  # noqa: E731
+                                                  generator=gen)
+    n = len(data)
+    out: Dict[Any, torch.Tensor] = {}
     from tqdm.auto import tqdm
     amp = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
-    with tqdm(total=len(data), desc=desc, unit='img', disable=None if progress else True, leave=False) as bar:
-        for images, _ in data.batches(batch_size):
-            x = normalize(images.to(device, non_blocking=True), mean, std)
+    count = -(-n // batch_size)
+    lo = 0
+    with tqdm(total=n, desc=desc, unit='img', disable=None if progress else True, leave=False) as bar:
+        for images, labels in batches(data, sequential(n, batch_size), size, device, workers, count):
             with amp:
-                feats = extractor.extract_features(x, layers=layers, ts=ts, noisy_input=noisy_input, generator=gen)
-            for k, v in feats.items():
-                parts.setdefault(k, []).append(v.float().cpu())
+                feats = {k: v.float().cpu() for k, v in fn(normalize(images, mean, std)).items()}
+            if sink is not None:
+                sink(feats, labels.cpu())
+            if keep:
+                for k, v in feats.items():
+                    if k not in out:  # one preallocated tensor per cell
+                        out[k] = torch.empty(n, *v.shape[1:], dtype=v.dtype)
+                    out[k][lo:lo + len(v)] = v
+            lo += len(images)
             bar.update(len(images))
-    return {k: torch.cat(v) for k, v in parts.items()}
+    return out
 
 
 def feature_cells(model: nn.Module, layers: LayerSpec, ts: TimestepSpec) -> List[Tuple[int, Optional[float]]]:
@@ -86,11 +101,13 @@ def feature_cells(model: nn.Module, layers: LayerSpec, ts: TimestepSpec) -> List
 
 
 def cached_features(folder: Optional[Union[str, Path]], meta: Dict[str, Any], cells: Sequence[Tuple[int, Any]],
-                    extract: Callable[[List[int], List[Any]], Tuple[FeatureDict, torch.Tensor]],
-                    log: Callable[[str], None] = print, shard_size: int = 50_000) -> Tuple[FeatureDict, torch.Tensor]:
+                    extract: Callable[[List[int], List[Any], Optional[Sink], bool], Tuple[FeatureDict, torch.Tensor]],
+                    log: Callable[[str], None] = print, shard_size: int = 50_000, keep: bool = True
+                    ) -> Tuple[FeatureDict, Optional[torch.Tensor]]:
     """One split's features at ``cells``: the cells ``folder`` holds are read, the others extracted (only those:
-    ``extract(layers, ts)`` for the smallest grid that covers them) and added to ``folder`` beside the old ones.
-    Nothing in the folder is deleted or overwritten; a folder of another setting is refused."""
+    ``extract(layers, ts, sink, keep)`` for the smallest grid that covers them) and written to ``folder`` beside the
+    old ones as they are extracted. Nothing in the folder is deleted or overwritten; a folder of another setting is
+    refused. ``keep=False`` (``ldae-models extract``) holds no features in memory and returns ``({}, labels)``."""
     index = read_feature_index(folder) if folder else None
     have = set() if index is None else {(k['layer'], k['t']) for k in index['keys']}
     missing = [c for c in cells if c not in have]
@@ -107,17 +124,19 @@ def cached_features(folder: Optional[Union[str, Path]], meta: Dict[str, Any], ce
                 f'those')
         layers = sorted({c[0] for c in missing})
         ts = list(dict.fromkeys(c[1] for c in missing))
-        got, labels = extract(layers, ts)
-        fresh = {c: got[c] for c in missing}
-        if folder:
-            save_feature_shards(fresh, labels, folder, meta, shard_size=shard_size)
+        writer = FeatureWriter(folder, meta, missing, shard_size) if folder else None
+        got, labels = extract(layers, ts, writer, keep)
+        fresh = {c: got[c] for c in missing} if keep else {}
+        if writer is not None:
+            writer.close()
             log(f'features of {_cells_text(missing)} written to {folder}')
     old = [c for c in cells if c in have]
-    if old:
-        feats, labels, _ = load_feature_shards(folder, old)
+    if old and (keep or labels is None):
+        feats, labels, _ = load_feature_shards(folder, old if keep else old[:1])
         log(f'features of {_cells_text(old)} read from {folder}')
-        fresh.update(feats)
-    return {c: fresh[c] for c in cells}, labels
+        if keep:
+            fresh.update(feats)
+    return ({c: fresh[c] for c in cells} if keep else {}), labels
 
 
 def _cells_text(cells: Sequence[Tuple[int, Any]]) -> str:
@@ -130,53 +149,94 @@ def _same_meta(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
     return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
 
 
+class FeatureWriter:
+    """Add the features of ``cells`` to a feature folder while they are extracted: call it with each batch's
+    ``{(layer, t): (B, C)}`` and labels, in order; every ``shard_size`` rows become a safetensors shard (with their
+    labels); ``close()`` writes ``index.json`` (the setting ``meta``, each cell with its shards) atomically.
+
+    A folder that exists already keeps every cell it has: it must hold the same setting and the same images (labels,
+    checked shard by shard), and only the cells it lacks are written, as new shard files beside the old ones
+    (``features-p1-...``); the index is replaced once they are complete, so an interrupted extraction leaves the old
+    folder as it was. A cell it has already is refused (``ValueError``), never overwritten. Memory: one shard.
+    """
+
+    def __init__(self, out_dir: Union[str, Path], meta: Dict[str, Any], cells: Sequence[Tuple[int, Any]],
+                 shard_size: int = 50_000) -> None:
+        self.out, self.meta, self.cells, self.shard_size = Path(out_dir), meta, list(cells), shard_size
+        self.old: Optional[Dict[str, Any]] = read_feature_index(self.out)
+        self.old_labels = None
+        if self.old is not None:
+            old_meta = {k: v for k, v in self.old.items() if k not in _INDEX_FIELDS}
+            if not _same_meta(old_meta, meta):
+                diff = sorted(k for k in set(old_meta) | set(meta)
+                              if old_meta.get(k) != json.loads(json.dumps(meta.get(k))))
+                raise ValueError(f'{self.out} holds features of another setting (differs in {", ".join(diff)}): use '
+                                 f'another folder')
+            have = {(k['layer'], k['t']) for k in self.old['keys']}
+            clash = [k for k in self.cells if k in have]
+            if clash:
+                raise ValueError(f'{self.out} holds the cells {clash[:4]} already: a feature folder is never '
+                                 f'overwritten')
+            self.old_labels = _read_labels(self.out, self.old)
+        self.part = 0 if self.old is None else 1 + max((k.get('part', 0) for k in self.old['keys']), default=0)
+        self.buf: Dict[Any, List[torch.Tensor]] = {c: [] for c in self.cells}
+        self.buf_labels: List[torch.Tensor] = []
+        self.rows, self.written, self.files, self.dims = 0, 0, [], {}
+
+    def __call__(self, feats: FeatureDict, labels: torch.Tensor) -> None:
+        for c in self.cells:
+            self.buf[c].append(feats[c])
+            self.dims[c] = feats[c].shape[1]
+        self.buf_labels.append(labels.cpu())
+        self.rows += len(labels)
+        while self.rows >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def _flush(self, rows: int) -> None:
+        from .hub.publish import save_safetensors
+        take = lambda parts: torch.cat(parts)  # noqa: E731
+        labels = take(self.buf_labels)
+        tensors = {feature_key(*c): take(self.buf[c])[:rows].contiguous() for c in self.cells}
+        tensors['labels'] = labels[:rows].contiguous()
+        if self.old_labels is not None:
+            lo = self.written
+            if lo + rows > len(self.old_labels) or not torch.equal(self.old_labels[lo:lo + rows], tensors['labels']):
+                raise ValueError(f'{self.out} holds features of other images ({len(self.old_labels):,} labels, not '
+                                 f'these)')
+        s = len(self.files)
+        name = (f'features-{s:05d}.safetensors' if self.part == 0 else f'features-p{self.part}-{s:05d}.safetensors')
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_safetensors(tensors, self.out / name)
+        self.files.append(name)
+        self.written += rows
+        self.rows -= rows
+        self.buf = {c: [take(self.buf[c])[rows:]] for c in self.cells}
+        self.buf_labels = [labels[rows:]]
+
+    def close(self) -> Path:
+        from .hub.publish import write_text_atomic
+        if self.rows or not self.files:
+            self._flush(self.rows)
+        n = self.written
+        if self.old is not None and self.old['num_samples'] != n:
+            raise ValueError(f'{self.out} holds features of other images ({self.old["num_samples"]:,} labels, not '
+                             f'these {n:,})')
+        keys = list(self.old['keys']) if self.old else []
+        for c in self.cells:
+            keys.append(dict(layer=c[0], t=c[1], name=feature_key(*c), dim=self.dims.get(c, 0), part=self.part,
+                             shards=self.files))
+        index = dict(self.meta, num_samples=n, keys=keys, shards=self.old['shards'] if self.old else self.files)
+        write_text_atomic(self.out / 'index.json', json.dumps(index, indent=2) + '\n')
+        return self.out
+
+
 def save_feature_shards(features: FeatureDict, labels: torch.Tensor, out_dir: Union[str, Path],
                         meta: Dict[str, Any], shard_size: int = 50_000) -> Path:
-    """Add features ``{(layer, t): (N, C)}`` to a feature folder: safetensors shards of ``shard_size`` rows (each
-    with the labels) and ``index.json`` (the setting ``meta``, each cell with the shards that hold it).
-
-    A folder that exists already keeps every cell it has: it must hold the same setting (``meta``) and the same
-    images (labels), and only the cells it lacks are written, as new shard files beside the old ones; the index is
-    replaced atomically once they are complete. A cell it has already is refused (``ValueError``), never overwritten.
-    """
-    from .hub.publish import save_safetensors, write_text_atomic
-    out = Path(out_dir)
-    labels = labels.cpu()
-    n = len(labels)
-    index_path = out / 'index.json'
-    old: Optional[Dict[str, Any]] = None
-    if index_path.is_file():
-        old = json.loads(index_path.read_text())
-        old_meta = {k: v for k, v in old.items() if k not in _INDEX_FIELDS}
-        if not _same_meta(old_meta, meta):
-            diff = sorted(k for k in set(old_meta) | set(meta) if old_meta.get(k) != json.loads(json.dumps(meta.get(k))))
-            raise ValueError(f'{out} holds features of another setting (differs in {", ".join(diff)}): use another '
-                             f'folder')
-        if old['num_samples'] != n or not torch.equal(_read_labels(out, old), labels):
-            raise ValueError(f'{out} holds features of other images ({old["num_samples"]:,} labels, not these {n:,})')
-        have = {(k['layer'], k['t']) for k in old['keys']}
-        clash = [k for k in features if k in have]
-        if clash:
-            raise ValueError(f'{out} holds the cells {clash[:4]} already: a feature folder is never overwritten')
-    out.mkdir(parents=True, exist_ok=True)
-    names = {k: feature_key(*k) for k in features}
-    part = 0 if old is None else 1 + max((k.get('part', 0) for k in old['keys']), default=0)
-    count = max(1, -(-n // shard_size))
-    files = []
-    for s in range(count):
-        lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
-        name = (f'features-{s:05d}-of-{count:05d}.safetensors' if part == 0 else
-                f'features-p{part}-{s:05d}-of-{count:05d}.safetensors')
-        tensors = {names[k]: v[lo:hi].contiguous() for k, v in features.items()}
-        tensors['labels'] = labels[lo:hi].contiguous()
-        save_safetensors(tensors, out / name)
-        files.append(name)
-    keys = list(old['keys']) if old else []
-    for k, v in features.items():
-        keys.append(dict(layer=k[0], t=k[1], name=names[k], dim=v.shape[1], part=part, shards=files))
-    index = dict(meta, num_samples=n, keys=keys, shards=old['shards'] if old else files)
-    write_text_atomic(index_path, json.dumps(index, indent=2) + '\n')
-    return out
+    """Add features ``{(layer, t): (N, C)}`` held in memory to a feature folder (``FeatureWriter``'s rules)."""
+    writer = FeatureWriter(out_dir, meta, list(features), shard_size)
+    for lo in range(0, max(1, len(labels)), shard_size):
+        writer({k: v[lo:lo + shard_size] for k, v in features.items()}, labels[lo:lo + shard_size])
+    return writer.close()
 
 
 _INDEX_FIELDS = ('num_samples', 'keys', 'shards')

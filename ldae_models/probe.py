@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import ImageData, augment, normalize
+from .data import ImageData, Split, augment, batches, normalize, sequential
 from .features import dataset_features, feature_key
 from .engine.optim import lr_at  # the one lr schedule of the zoo
 from .models.extractor import FeatureDict, as_extractor
@@ -273,41 +273,48 @@ def random_counterpart(model: nn.Module, seed: int = 0) -> nn.Module:
     return floor.eval()
 
 
-def pixel_features(data: ImageData, max_dim: int = 3072, mean: Sequence[float] = (0.5,) * 3,
-                   std: Sequence[float] = (0.5,) * 3) -> torch.Tensor:
+def _pooled_pixels(x: torch.Tensor, max_dim: int) -> torch.Tensor:
+    side = x.shape[-1]
+    while x[0].numel() > max_dim and side > 1:
+        side //= 2
+        x = F.adaptive_avg_pool2d(x, side)
+    return x.flatten(1)
+
+
+def pixel_features(data: Union[ImageData, Split], max_dim: int = 3072, mean: Sequence[float] = (0.5,) * 3,
+                   std: Sequence[float] = (0.5,) * 3, size: Optional[int] = None) -> torch.Tensor:
     """Raw pixels as features (N, C*H*W), normalised; images larger than ``max_dim`` values are average-pooled to fit
-    (32 x 32 x 3 = 3072 for CIFAR-10 is kept as it is)."""
-    out = []
-    for images, _ in data.batches(4096):
-        x = normalize(images, mean, std)
-        side = x.shape[-1]
-        while x[0].numel() > max_dim and side > 1:
-            side //= 2
-            x = F.adaptive_avg_pool2d(x, side)
-        out.append(x.flatten(1).cpu())
-    return torch.cat(out)
+    (32 x 32 x 3 = 3072 for CIFAR-10 is kept as it is). A ``Split`` is streamed, cropped to ``size``."""
+    parts = [_pooled_pixels(normalize(images, mean, std), max_dim).cpu()
+             for images, _ in batches(data, sequential(len(data), 4096), size, 'cpu')]
+    return torch.cat(parts)
 
 
-def floors(model: nn.Module, train: ImageData, test: ImageData, layer: int = -1, knn: bool = True,
-           batch_size: int = 256, device: Union[str, torch.device] = 'cpu', seed: int = 0, progress: bool = False,
-           log: Any = None, **probe_kwargs: Any) -> Dict[str, Dict[str, Any]]:
+def floors(model: nn.Module, train: Union[ImageData, Split], test: Union[ImageData, Split], layer: int = -1,
+           knn: bool = True, batch_size: int = 256, device: Union[str, torch.device] = 'cpu', seed: int = 0,
+           progress: bool = False, log: Any = None, workers: int = -1, **probe_kwargs: Any) -> Dict[str, Dict[str, Any]]:
     """The two floors every probe table reports, measured on the same splits with the same probe: a randomly
     initialised network of the model's shape (``random_counterpart``, tapped at the same ``layer``) and the raw pixels
-    (``pixel_features``). Returns ``{'random_same_shape': {...}, 'raw_pixels': {...}}`` with ``top1`` (and
-    ``knn_top1``); ``log`` (a callable) is told each stage."""
+    (``pixel_features``), both from one pass over each split (streamed for a ``Split``). Returns
+    ``{'random_same_shape': {...}, 'raw_pixels': {...}}`` with ``top1`` (and ``knn_top1``); ``log`` (a callable) is
+    told each stage."""
     log = log or (lambda msg: None)
     rand = random_counterpart(model, seed=seed).to(device)
-    log('floor: a random network of the same shape')
-    kw = dict(layers=[layer], batch_size=batch_size, device=device, progress=progress)
-    ftr = next(iter(dataset_features(rand, train, desc='train features', **kw).values()))
-    fte = next(iter(dataset_features(rand, test, desc='test features', **kw).values()))
-    log('floor: raw pixels')
-    ptr, pte = pixel_features(train), pixel_features(test)
+    ext = as_extractor(rand)
+
+    def both(x: torch.Tensor) -> Dict[Any, torch.Tensor]:
+        f = ext.extract_features(x, layers=[layer])
+        return {'random_same_shape': next(iter(f.values())), 'raw_pixels': _pooled_pixels(x, 3072)}
+
+    log('floors: a random network of the same shape, and raw pixels')
+    kw = dict(batch_size=batch_size, device=device, progress=progress, fn=both, workers=workers)
+    ftr = dataset_features(rand, train, desc='train floors', **kw)
+    fte = dataset_features(rand, test, desc='test floors', **kw)
     out = {}
-    for name, (xtr, xte), info in (('random_same_shape', (ftr, fte), dict(model=type(rand).__name__)),
-                                   ('raw_pixels', (ptr, pte), dict(dim=ptr.shape[1]))):
-        cell = probe_features({name: xtr}, train.labels, {name: xte}, test.labels, device=device, seed=seed, knn=knn,
-                              **probe_kwargs)[name]
+    for name, info in (('random_same_shape', dict(model=type(rand).__name__)),
+                       ('raw_pixels', dict(dim=ftr['raw_pixels'].shape[1]))):
+        cell = probe_features({name: ftr[name]}, train.labels, {name: fte[name]}, test.labels, device=device,
+                              seed=seed, knn=knn, **probe_kwargs)[name]
         out[name] = dict(info, **cell)
     return out
 
@@ -326,8 +333,8 @@ def mae_lars(head: nn.Module, lr: float) -> torch.optim.Optimizer:
 
 def mae_linear_probe(
         model: nn.Module,
-        train: ImageData,
-        test: ImageData,
+        train: Union[ImageData, Split],
+        test: Union[ImageData, Split],
         layer: int = -1,
         t: Optional[float] = None,
         noisy_input: Optional[bool] = None,
@@ -339,59 +346,95 @@ def mae_linear_probe(
         device: Union[str, torch.device] = 'cpu',
         seed: int = 0,
         progress: bool = False,
+        rank: int = 0,
+        world: int = 1,
+        workers: int = -1,
 ) -> Dict[str, Any]:
     """MAE's linear probe (``main_linprobe.py``): frozen encoder, a random resized crop (scale 0.08-1) and flip of
     every image every epoch, the BatchNorm + Linear head trained by LARS (momentum 0.9, trust 0.001, no weight decay)
     with lr = blr x batch / 256, ``warmup_epochs`` of linear warmup then cosine; a batch of ``batch_size`` images is
     accumulated from ``micro_batch`` ones when it does not fit; the test images are evaluated as they are.
+
+    ``train`` / ``test`` are decoded (``ImageData``) or streamed (a ``data.Split``: ImageNet-size, host memory flat).
+    Under torchrun (``world`` > 1, a process group up) each of the ``world`` processes takes its share of every global
+    batch (``batch_size`` / ``world``, split into micro-batches), the head's gradients are averaged
+    (DistributedDataParallel, BatchNorm per process as in MAE) and the test images are shared out; the crops of a
+    global batch are drawn once from the step's seed, so each image gets the crop it would get in one process.
     """
     from tqdm.auto import tqdm
-    if batch_size % micro_batch:
-        raise ValueError(f'batch_size {batch_size} must be a multiple of micro_batch {micro_batch}')
+    if batch_size % (micro_batch * world):
+        raise ValueError(f'batch_size {batch_size} must be a multiple of micro_batch x processes '
+                         f'({micro_batch} x {world})')
     device = torch.device(device)
     extractor = as_extractor(model)
     cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
     mean, std = cfg.get('mean', (0.5,) * 3), cfg.get('std', (0.5,) * 3)
-    gen = torch.Generator(device).manual_seed(seed)
+    size = int(cfg['input_size'][-1]) if 'input_size' in cfg else None
+    gen = torch.Generator(device).manual_seed(seed + 7919 * rank)  # the noise of noisy_input, per process
     feat = lambda x: extractor.extract_features(x, layers=[layer], ts=[t], noisy_input=noisy_input,  # noqa: E731
                                                 generator=gen)[(layer, extractor.resolve_ts([t])[0])]
     num_classes = int(max(train.labels.max(), test.labels.max()).item()) + 1
+    first, _ = next(batches(train, [[0, 1]], size, device, 0))
     with torch.no_grad():
-        dim = feat(normalize(train.images[:2].to(device), mean, std)).shape[1]
+        dim = feat(normalize(first, mean, std)).shape[1]
     torch.manual_seed(seed)
     head = LinearProbeHead(dim, num_classes).to(device)
+    net: nn.Module = head
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(head, device_ids=[device.index] if device.type == 'cuda' else None)
     lr = blr * batch_size / 256
     opt = mae_lars(head, lr)
-    accum = batch_size // micro_batch
+    part = batch_size // world
+    accum = part // micro_batch
     steps_per_epoch = max(1, len(train) // batch_size)  # full batches only (MAE drops the last)
     total, warm = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
-    data = train.to(device)
-    step = 0
-    bar = tqdm(total=total, desc='MAE linear probe', unit='step', disable=None if progress else True, leave=False)
-    for epoch in range(epochs):
-        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).to(device)
-        head.train()
-        for s in range(steps_per_epoch):
-            cur = lr_at(step, total, warm, lr)  # MAE's: linear warmup, then half-cycle cosine
-            for group in opt.param_groups:
-                group['lr'] = cur
-            opt.zero_grad(set_to_none=True)
-            for a in range(accum):
-                idx = perm[s * batch_size + a * micro_batch:s * batch_size + (a + 1) * micro_batch]
-                x = augment(normalize(data.images[idx], mean, std), 'rrc', gen, scale=(0.08, 1.0))
-                with torch.no_grad():
-                    f = feat(x)
-                (F.cross_entropy(head(f), data.labels[idx]) / accum).backward()
-            opt.step()
-            step += 1
-            bar.update(1)
+
+    def positions():  # this process's micro-batches, epoch after epoch (one seeded permutation per epoch)
+        for epoch in range(epochs):
+            perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+            for s in range(steps_per_epoch):
+                for a in range(accum):
+                    lo = s * batch_size + rank * part + a * micro_batch
+                    yield perm[lo:lo + micro_batch]
+
+    bar = tqdm(total=total, desc='MAE linear probe', unit='step', disable=None if progress and rank == 0 else True,
+               leave=False)
+    head.train()
+    stream = batches(train, positions(), size, device, workers, total * accum)
+    for step in range(total):
+        cur = lr_at(step, total, warm, lr)  # MAE's: linear warmup, then half-cycle cosine
+        for group in opt.param_groups:
+            group['lr'] = cur
+        opt.zero_grad(set_to_none=True)
+        crops = torch.rand(batch_size, 5, generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
+        for a in range(accum):
+            images, labels = next(stream)
+            lo = rank * part + a * micro_batch
+            x = augment(normalize(images, mean, std), 'rrc', scale=(0.08, 1.0), u=crops[lo:lo + len(images)])
+            with torch.no_grad():
+                f = feat(x)
+            sync = a == accum - 1
+            with net.no_sync() if (world > 1 and not sync) else _nullcontext():
+                (F.cross_entropy(net(f), labels) / accum).backward()
+        opt.step()
+        bar.update(1)
     bar.close()
     head.eval()
-    correct = 0
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
-        for images, labels in test.batches(micro_batch):
-            correct += (head(feat(normalize(images.to(device), mean, std))).argmax(1) == labels.to(device)).sum().item()
-    return dict(top1=100.0 * correct / len(test), epochs=epochs, steps=total, batch_size=batch_size, lr=lr)
+        for images, labels in batches(test, sequential(len(test), micro_batch, rank, world), size, device, workers):
+            counts[0] += (head(feat(normalize(images, mean, std))).argmax(1) == labels).sum()
+            counts[1] += len(labels)
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(counts)
+    return dict(top1=100.0 * counts[0].item() / max(1.0, counts[1].item()), epochs=epochs, steps=total,
+                batch_size=batch_size, lr=lr, processes=world)
+
+
+def _nullcontext():
+    import contextlib
+    return contextlib.nullcontext()
 
 
 # -- reporting --------------------------------------------------------------------------------------------------------

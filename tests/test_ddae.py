@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import ldae_models
-from ldae_models.features import ddae_grid_features, extract_features
+from ldae_models.features import extract_features
 from ldae_models.models.ddae_unet import unet_diffusers_to_ddae
 from ldae_models.data import ImageData
 from ldae_models.probe import fit_linear_probe, grid_probe, plot_grid
@@ -128,6 +128,12 @@ def test_features_default_and_noise_is_seeded():
     abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[11]
     eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     assert rel_err(xt, (abar.sqrt() * x + (1 - abar).sqrt() * eps).float()) < 1e-6
+
+
+def ddae_grid_features(model, images, out_ks, ts, **kw):
+    """DDAE's grid with DDAE's 1-based decoder blocks (out_k = layer + 1), from the encoder contract."""
+    feats = extract_features(model, images, layers=[k - 1 for k in out_ks], ts=ts, **kw)
+    return {(layer + 1, t): f for (layer, t), f in feats.items()}
 
 
 def test_grid_equals_separate_calls():

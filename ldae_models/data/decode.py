@@ -62,19 +62,24 @@ def decode_pil(data: Union[torch.Tensor, bytes, str], size: Optional[int] = None
     return resize_crop(torch.from_numpy(arr.copy()).permute(2, 0, 1), size)
 
 
+_DEPRECATED = '.*image decoding and encoding capabilities of TorchVision.*'
+
+
 def _torchvision_decoder():
     """torchvision's ``decode_jpeg`` (and its mode), or None where this torchvision has none. torchvision 0.29
-    deprecated its image decoders in favour of TorchCodec; until they are removed they are the batched GPU decoder
-    at hand, and without them every JPEG goes to Pillow."""
+    deprecated its image decoders in favour of TorchCodec (each call warns); until they are removed they are the
+    batched GPU decoder at hand, and without them every JPEG goes to Pillow."""
     import warnings
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', message='.*image decoding and encoding capabilities of TorchVision.*')
-        try:
-            from torchvision.io import ImageReadMode, decode_jpeg
-            import torchvision.io.image  # noqa: F401 -- the module whose import warns
-        except ImportError:
-            return None
-    return decode_jpeg, ImageReadMode.RGB
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+
+    def decode(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message=_DEPRECATED, category=DeprecationWarning)
+            return decode_jpeg(*args, **kwargs)
+    return decode, ImageReadMode.RGB
 
 
 def _decode_jpegs(data: List[torch.Tensor], names: List[str], device: torch.device) -> List[torch.Tensor]:
