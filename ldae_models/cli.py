@@ -350,6 +350,8 @@ def _add_config_args(p: argparse.ArgumentParser, config_cls: type) -> None:
             p.add_argument(flag, action='store_true', help=meta.get('help', ''))
         elif base is dict:
             p.add_argument(flag, type=lambda s, n=flag: _json_object(s, n), default=None, help=helptext)
+        elif base in (list, tuple):
+            p.add_argument(flag, type=typing.get_args(kind)[0], nargs='+', default=None, help=helptext)
         else:
             p.add_argument(flag, type=base, default=None, choices=meta.get('choices'), help=helptext)
 
@@ -390,7 +392,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from .distill import DistillConfig, distill
-    result = distill(_config(DistillConfig, args))
+    if args.recipe:
+        from .recipes import distill_config
+        cfg, sources = distill_config(args.recipe, **_given(DistillConfig, args))
+        cfg.sources = sources
+    else:
+        cfg = _config(DistillConfig, args)
+    result = distill(cfg)
     if result.get('student'):
         _stage(f'done: the student is {result["student"]} (timm.create_model(\'local-dir:{result["student"]}\', '
                f'pretrained=True))')
@@ -589,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description='Distil a teacher of the zoo at (layer, t) into any timm student, t chosen by a '
                                    'fixed, random or learned (REINFORCE) policy, then fine-tune the student on the '
                                    'labels. Each flag is a field of DistillConfig (ldae_models/distill.py).')
+    from .recipes import DISTILL_RECIPES
+    p.add_argument('--recipe', choices=list(DISTILL_RECIPES), help="a recipe of ldae_models/recipes.py "
+                   "(repfusion_cifar10: the official CIFAR-10 run); flags override its values")
     _add_config_args(p, DistillConfig)
     p.set_defaults(func=cmd_distill)
 

@@ -1,36 +1,32 @@
 """RepFusion: a diffusion teacher's features distilled into any timm student, the timestep chosen by a learned policy.
 
 *Diffusion Model as Representation Learner* (Yang and Wang, arXiv 2308.10916). Two stages, each a run of the zoo's
-one training loop (``train.run``: one process or torchrun, exact resume, device-resident data, bf16, seeds):
+training engine (``engine.run``: one process or torchrun, exact resume, bf16, seeds):
 
-1. **Distillation** (``OUT/distill``): for each image a timestep t is chosen; the teacher (any extractor of the zoo:
-   an l-DAE encoder, a DiT encoder, a DDAE UNet) gives its pooled feature at (``teacher_layer``, t) of the image noised
-   at t (``teacher_input='clean'``: the clean image with t as conditioning, as the official code calls its UNet);
-   a linear projector maps the student's pooled feature to the teacher's width; the loss is ``kd_weight * MSE``.
-   t comes from the ``policy``:
-
-   - ``fixed``: one t for every image (``t``; default the teacher's own);
-   - ``random``: uniform over the policy's grid;
-   - ``reinforce``: a small CNN on the image gives a softmax over a grid of ``t_bins`` steps (1000 in the official
-     code); it is trained by REINFORCE with the reward ``-CE`` of a task head (an MLP, trained beside it) on the
-     teacher's feature at the sampled t, a moving-average baseline, and an entropy bonus that decays linearly to 0
-     over the first ``entropy_decay`` of the stage.
-
+1. **Distillation** (``OUT/distill``): for each image a timestep t is chosen by the ``policy``
+   (``repfusion.POLICIES``: fixed, random, reinforce); the teacher (any extractor of the zoo, always loaded
+   conditional: an l-DAE encoder, a DiT encoder, a DDAE UNet) gives its pooled feature at t, tapped at a block
+   (``teacher_layer``) or at any module (``teacher_module``: the official code taps the DDPM UNet's mid block,
+   ``mid.1.res.conv2``), of the image noised at t (``teacher_input='noisy'``) or of the clean image with t as
+   conditioning (``'clean'``, the official code); a linear projector maps the student's pooled feature to the
+   teacher's width; the loss is ``kd_weight`` times ``repfusion.KD_LOSSES[kd_loss]``. A learned policy is trained by
+   REINFORCE with the reward ``-CE`` of a task head (``repfusion.TASK_HEADS``) on the teacher's feature, an entropy
+   bonus that decays linearly to 0 over the first ``entropy_decay`` of the stage, and (ours) a moving-average
+   baseline.
 2. **Task** (``OUT/task``): the student fine-tuned on the labels (cross-entropy), keeping the distillation loss with
-   ``task_kd_weight`` (default 0); ``epochs=0`` skips stage 1: a student trained from scratch, the baseline.
+   ``task_kd_weight`` (default 0); it starts from stage 1's weights, loaded strictly. ``epochs=0`` skips stage 1: a
+   student trained from scratch, the baseline.
 
 Output: ``OUT/student/``, a ``save_pretrained`` folder that plain timm loads (``local-dir:OUT/student``);
 ``OUT/policy.safetensors`` (reinforce); ``OUT/t_histogram.json`` and ``.png``, the distribution of the chosen t over
 the distillation (the paper's observation: it drifts to t in 0-200).
 
-    ldae-models distill --teacher ldae_vit_tiny_patch4_32.cifar10 --student resnet18 --dataset cifar10 \\
+    ldae-models distill --recipe repfusion_cifar10 --dataset cifar10 --data-root ~/data --out runs/repfusion
+    ldae-models distill --teacher ldae_vit_tiny_patch4_32.cifar10 --student resnet18_cifar --dataset cifar10 \\
         --data-root ~/data --out runs/repfusion --policy reinforce --epochs 100 --task-epochs 100
 
-Where this differs from the official code: one optimiser (AdamW by default, any of timm's with ``opt``; warmup and
-cosine, the zoo's loop) for student, projector, policy and task head, where the official code uses SGD 0.1 with step
-decay for 200 epochs; the default
-teacher input is the image noised at t (``teacher_input``); the task head's loss trains only the head (the reward
-does not reach the teacher or the student).
+``recipes.DISTILL_RECIPES['repfusion_cifar10']`` is the official recipe; the defaults here are ours (AdamW, cosine,
+a zero-initialised policy CNN, a small task head, a reward baseline: see the README's table of departures).
 """
 import dataclasses
 import json
@@ -42,14 +38,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models.extractor import FeatureExtractor
 from .engine import Objective, RunConfig, process_group, run, undo_on_failure
 from .engine.config import arg
+from .models.extractor import FeatureExtractor
+from .repfusion import KD_LOSSES, POLICIES, POLICY_NETS, TASK_HEADS, MovingBaseline, reinforce_loss
 
-__all__ = ['DistillConfig', 'Distillation', 'TimestepPolicy', 'MovingBaseline', 'reinforce_loss', 'distill',
-           'POLICIES']
+__all__ = ['DistillConfig', 'Distillation', 'distill', 'load_teacher']
 
-POLICIES = ('fixed', 'random', 'reinforce')
 HIST_BINS = 10  # the logged histogram of t: tenths of the teacher's range
 
 
@@ -62,9 +57,13 @@ class DistillConfig(RunConfig):
     # -- the teacher
     teacher: str = arg('ldae_vit_tiny_patch4_32.cifar10', 'an extractor of the zoo (NAME.TAG, local-dir:, hf-hub:)')
     teacher_args: Dict[str, Any] = arg(None, 'teacher constructor overrides as JSON', factory=dict)
-    teacher_layer: Optional[int] = arg(None, "the teacher's tapped layer (0-based; default: its own default tap)")
+    teacher_layer: Optional[int] = arg(None, "the teacher's tapped layer (0-based; default: its own default tap; with "
+                                             "--teacher-module: how far the teacher runs, default its first block)")
+    teacher_module: Optional[str] = arg(None, "a module of the teacher whose output is distilled (pooled) instead of a "
+                                              "block, e.g. mid.1.res.conv2: the DDPM UNet's mid block (the official)")
     teacher_input: str = arg('noisy', "'noisy': the image noised at t by the teacher's schedule; 'clean': the clean "
                                        "image with t as conditioning (the official code)", choices=('noisy', 'clean'))
+    allow_random_teacher: bool = arg(False, 'accept a teacher without trained weights (tests, smoke runs)')
     # -- the student
     student: str = arg('resnet18', 'any timm model name')
     student_args: Dict[str, Any] = arg(None, 'student constructor arguments as JSON, e.g. {"img_size": 32}',
@@ -73,11 +72,19 @@ class DistillConfig(RunConfig):
                                               "pooled pre-logits")
     # -- the timestep policy
     policy: str = arg('reinforce', "'fixed' (one t), 'random' (uniform over the grid), 'reinforce' (learned)",
-                       choices=POLICIES)
+                       choices=tuple(POLICIES))
+    policy_net: str = arg('cnn', "the learned policy's network: 'cnn' (ours: uniform at the start, any size) or "
+                                 "'lenet' (the official PolicyNet_Cov, 32 px)", choices=tuple(POLICY_NETS))
+    task_head: str = arg('small', "the reward's head on the teacher feature: 'small' (ours: d-256-classes) or "
+                                  "'official' (d-d-d-classes)", choices=tuple(TASK_HEADS))
+    reward_baseline: str = arg('moving', "REINFORCE's baseline: 'moving' (ours: a moving average of the reward) or "
+                                         "'none' (the official)", choices=('moving', 'none'))
     t: Optional[float] = arg(None, "the fixed policy's t (default: the teacher's own t)")
     t_bins: int = arg(1000, "the policy's grid: this many steps evenly over the teacher's [0, T) (the official: 1000)",
                        min=2)
-    kd_weight: float = arg(1.0, 'weight of the feature-distillation MSE in stage 1', min=0)
+    kd_loss: str = arg('mse', "the distillation loss: 'mse' (the paper's), 'mse_norm', 'l1', 'cosine' (the official "
+                              "code's alternatives)", choices=tuple(KD_LOSSES))
+    kd_weight: float = arg(1.0, 'weight of the distillation loss in stage 1', min=0)
     entropy_weight: float = arg(0.1, "the policy's entropy bonus at the start (the official: 0.1)", min=0)
     entropy_decay: float = arg(0.5, 'fraction of stage 1 over which the entropy bonus decays linearly to 0 '
                                      '(the official: 100 of 200 epochs)', min=0)
@@ -91,56 +98,6 @@ class DistillConfig(RunConfig):
     blr: float = arg(2e-3, 'base lr: lr = blr * batch / 256', min=0)
     warmup_epochs: float = arg(5, 'linear warmup epochs of each stage, then half-cycle cosine to 0', min=0)
     weight_decay: float = arg(0.05, 'weight decay (spares norms, biases and no_weight_decay())', min=0)
-
-
-class TimestepPolicy(nn.Module):
-    """A small CNN on the image: logits over ``bins`` timesteps (zero-initialised last layer: uniform at the start)."""
-
-    def __init__(self, bins: int, in_chans: int = 3, width: int = 32) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(in_chans, width, 3, 2, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(width, 2 * width, 3, 2, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(2 * width, 2 * width, 3, 2, 1), nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, bins))
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).float()
-
-    @staticmethod
-    def sample(logits: torch.Tensor, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(index, its log-probability, the entropy) per row, the index drawn by inverting the CDF at ``u`` in [0, 1)
-        (the step's draws: the same choice on resume and on any number of processes)."""
-        logp = F.log_softmax(logits.float(), dim=-1)
-        p = logp.exp()
-        idx = (p.cumsum(-1) <= u[:, None]).sum(-1).clamp(max=logits.shape[-1] - 1)
-        return idx, logp.gather(1, idx[:, None])[:, 0], -(p * logp).sum(-1)
-
-
-def reinforce_loss(logp: torch.Tensor, entropy: torch.Tensor, reward: torch.Tensor, baseline: torch.Tensor,
-                   entropy_weight: float) -> torch.Tensor:
-    """REINFORCE with a baseline and an entropy bonus: ``-mean((r - b) log p) - beta mean(H)``."""
-    return -((reward.detach() - baseline) * logp).mean() - entropy_weight * entropy.mean()
-
-
-class MovingBaseline(nn.Module):
-    """REINFORCE's reward baseline: a moving average of the mean reward (a buffer, so checkpoints carry it)."""
-
-    def __init__(self, momentum: float) -> None:
-        super().__init__()
-        self.momentum = momentum
-        self.register_buffer('value', torch.zeros(()))
-
-    @torch.no_grad()
-    def update(self, reward: torch.Tensor) -> None:
-        """Move toward the mean reward of the batch (of all processes under torchrun)."""
-        mean = reward.float().mean()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(mean)
-            mean /= torch.distributed.get_world_size()
-        self.value.mul_(self.momentum).add_((1 - self.momentum) * mean)
 
 
 def _pool(x: torch.Tensor) -> torch.Tensor:
@@ -159,8 +116,10 @@ class Distillation(Objective):
 
     unused_parameters = True  # the student's classifier (and what follows --student-layer) gets no gradient in stage 1
 
-    def __init__(self, cfg: DistillConfig, stage: str, teacher: Optional[nn.Module], img_size: int) -> None:
+    def __init__(self, cfg: DistillConfig, stage: str, teacher: Optional[nn.Module], img_size: int,
+                 previous: Optional[Path] = None) -> None:
         super().__init__()
+        self.previous = previous  # the previous stage's folder: its weights start this stage (loaded strictly)
         if stage not in ('distill', 'task'):
             raise ValueError(f"stage must be 'distill' or 'task', got {stage!r}")
         self.cfg, self.stage, self.img_size = cfg, stage, img_size
@@ -198,24 +157,47 @@ class Distillation(Objective):
             self._check_teacher()
             tdim, sdim = self._dims()
             self.parts['projector'] = nn.Linear(sdim, tdim)
-            if cfg.policy == 'reinforce':
-                self.parts['policy'] = TimestepPolicy(self.grid.numel())
-                if not self.learn_policy:
-                    self.parts['policy'].requires_grad_(False)
+            self.kd_loss = KD_LOSSES[cfg.kd_loss]
+            self.parts['policy'] = POLICIES[cfg.policy](self.grid, net=cfg.policy_net, img_size=self.img_size)
+            if not self.learn_policy:
+                self.parts['policy'].requires_grad_(False)
             if self.learn_policy:
-                self.parts['task_head'] = nn.Sequential(nn.Linear(tdim, 256), nn.ReLU(inplace=True),
-                                                        nn.Linear(256, num_classes))
-                self.parts['baseline'] = MovingBaseline(cfg.baseline_momentum)
+                self.parts['task_head'] = TASK_HEADS[cfg.task_head](tdim, num_classes)
+                if cfg.reward_baseline == 'moving':
+                    self.parts['baseline'] = MovingBaseline(cfg.baseline_momentum)
+        if self.previous is not None:
+            self._load_previous()
+
+    def _load_previous(self) -> None:
+        """Start from the previous stage: every part both stages have (the student always) loaded strictly, so that a
+        student of another shape fails with the hub's mismatch error, never a silent partial load."""
+        from safetensors.torch import load_file
+        from .hub.checkpoint import load_state_dict_strict
+        path = self.previous / 'model.safetensors'
+        state = load_file(str(path))
+        for name, part in self.parts.items():
+            theirs = {k.split('.', 1)[1]: v for k, v in state.items() if k.split('.', 1)[0] == name}
+            if theirs or name == 'student':
+                load_state_dict_strict(part, theirs, what=f'{path} ({name})')
 
     def _check_teacher(self) -> None:
         cfg, teacher = self.cfg, self.teacher
-        if not isinstance(teacher, FeatureExtractor) or teacher.schedule is None:
+        if not isinstance(teacher, FeatureExtractor) or getattr(teacher, 'schedule', None) is None:
             raise ValueError(f'the teacher {cfg.teacher!r} is not a diffusion extractor of the zoo (an l-DAE, DiT or '
                              f'DDAE UNet with a noise schedule): got {type(teacher).__name__}')
         if teacher.fixed_t:
             raise ValueError(f'the teacher {cfg.teacher!r} is a merged encoder (one t); RepFusion needs the '
                              f'conditional one (merged=False)')
-        layer = teacher.default_layer if cfg.teacher_layer is None else cfg.teacher_layer
+        self.t_module = None
+        if cfg.teacher_module:
+            modules = dict(teacher.named_modules())
+            if cfg.teacher_module not in modules:
+                near = [n for n in modules if n and n.startswith(cfg.teacher_module.split('.')[0])][:8]
+                raise ValueError(f'the teacher {cfg.teacher} has no module {cfg.teacher_module!r}'
+                                 + (f'; modules with that prefix: {near}' if near else '; see model.named_modules()'))
+            self.t_module = modules[cfg.teacher_module]
+        default = 0 if cfg.teacher_module else teacher.default_layer
+        layer = default if cfg.teacher_layer is None else cfg.teacher_layer
         self.t_layer = teacher.resolve_layers(layer)[1][0]
         T = getattr(teacher.schedule, 'num_timesteps', None)
         if T is None:
@@ -265,7 +247,18 @@ class Distillation(Objective):
         x = teacher.encode_input(images)
         if self.cfg.teacher_input == 'noisy':
             x = teacher.noise_input(x, t, noise=noise)[0]
-        return _pool(teacher.tap(x, t, [self.t_layer])[0]).float()
+        if self.t_module is None:
+            return _pool(teacher.tap(x, t, [self.t_layer])[0]).float()
+        seen: List[torch.Tensor] = []
+        hook = self.t_module.register_forward_hook(lambda m, i, o: seen.append(o[0] if isinstance(o, tuple) else o))
+        try:
+            teacher.tap(x, t, [self.t_layer])
+        finally:
+            hook.remove()
+        if not seen:
+            raise ValueError(f'the teacher module {self.cfg.teacher_module!r} does not run before block '
+                             f'{self.t_layer}: raise --teacher-layer')
+        return _pool(seen[-1]).float()
 
     # -- the loop's hooks ------------------------------------------------------------------------------------------
     def draws(self, generator: torch.Generator, batch: int, x: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -283,17 +276,6 @@ class Distillation(Objective):
         total = max(1, self.cfg.max_steps or self.cfg.epochs * steps_per_epoch)
         self.progress = step / total
 
-    def choose_t(self, x: torch.Tensor, u: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor],
-                                                                   Optional[torch.Tensor]]:
-        """(t, log-prob, entropy) per image under the policy (no log-prob for fixed and random)."""
-        grid = self.grid.to(x.device)
-        if self.cfg.policy == 'fixed':
-            return grid.expand(len(x)).clone(), None, None
-        if self.cfg.policy == 'random':
-            return grid[(u * len(grid)).long().clamp(max=len(grid) - 1)], None, None
-        idx, logp, entropy = TimestepPolicy.sample(self.parts['policy'](x), u)
-        return grid[idx], logp, entropy
-
     def forward(self, images: torch.Tensor, labels: torch.Tensor, u: Optional[torch.Tensor] = None,
                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         feat, logits = self.student_features(images)
@@ -302,9 +284,9 @@ class Distillation(Objective):
             loss = loss + self.ce_weight * F.cross_entropy(logits.float(), labels)
         if 'projector' not in self.parts:
             return loss
-        t, logp, entropy = self.choose_t(images, u)
+        t, logp, entropy = self.parts['policy'](images, u)  # (t, log-prob, entropy); no log-prob unless learned
         target = self.teacher_features(images, t, noise)
-        kd = F.mse_loss(self.parts['projector'](feat).float(), target)
+        kd = self.kd_loss(self.parts['projector'](feat).float(), target)
         loss = loss + self.kd_weight * kd
         with torch.no_grad():
             self.t_hist += torch.bincount((t / self.t_max * HIST_BINS).long().clamp(0, HIST_BINS - 1),
@@ -314,9 +296,11 @@ class Distillation(Objective):
             ce = F.cross_entropy(self.parts['task_head'](target), labels, reduction='none')
             reward = -ce.detach()
             beta = self.cfg.entropy_weight * max(0.0, 1.0 - self.progress / max(self.cfg.entropy_decay, 1e-9))
-            baseline = self.parts['baseline']
-            loss = loss + ce.mean() + reinforce_loss(logp, entropy, reward, baseline.value, beta)
-            baseline.update(reward)
+            baseline = self.parts['baseline'] if 'baseline' in self.parts else None
+            b = baseline.value if baseline is not None else torch.zeros((), device=reward.device)
+            loss = loss + ce.mean() + reinforce_loss(logp, entropy, reward, b, beta)
+            if baseline is not None:
+                baseline.update(reward)
         return loss
 
     def log_record(self) -> Dict[str, Any]:
@@ -329,7 +313,7 @@ class Distillation(Objective):
         self.t_hist.zero_()
         self.kd_sum.zero_()
         rec = dict(kd=round(kd, 6), t_hist=counts)
-        if self.learn_policy:
+        if 'baseline' in self.parts:
             rec['baseline'] = round(self.parts['baseline'].value.item(), 4)
         return rec
 
@@ -366,16 +350,26 @@ def _img_size(cfg: DistillConfig, teacher: Optional[nn.Module]) -> int:
 
 
 def load_teacher(cfg: DistillConfig) -> nn.Module:
-    """The conditional teacher a config names, in eval mode."""
-    from .models import load_model
+    """The teacher a config names, always conditional (``merged=False``: t is RepFusion's choice), in eval mode. A name
+    that asks for no weights (no tag, no checkpoint) is refused, naming the tags that have them, unless
+    ``allow_random_teacher``."""
+    from .models import load_model, names_weights, pretrained_cfg_for
     kwargs = dict(cfg.teacher_args)
     name = cfg.teacher
-    if name.split(':')[-1].split('.')[0].startswith('ldae_vit') or name.startswith(('local-dir:', 'hf-hub:')):
-        kwargs.setdefault('merged', False)
+    if not name.startswith(('hf-hub:', 'local-dir:')):
+        pretrained_cfg_for(name)  # an unknown model or tag: named, with the nearest names
+    if not (names_weights(name) or kwargs.get('checkpoint') or cfg.allow_random_teacher):
+        import timm
+        tags = timm.list_pretrained(name.split('.')[0] + '.*')
+        raise ValueError(f'the teacher {name!r} names no weights (a random network teaches nothing): name a '
+                         f'pretrained tag' + (f', e.g. {", ".join(tags[:3])}' if tags else
+                                              f' (none exists for {name}: pass teacher_args {{"checkpoint": FILE}})')
+                         + '; --allow-random-teacher accepts it for a smoke run')
     try:
-        teacher = load_model(name, **kwargs)
-    except TypeError:  # a family without a merged form (the UNets)
-        kwargs.pop('merged', None)
+        teacher = load_model(name, merged=False, **kwargs)
+    except TypeError as e:  # a family without a merged form (the UNets): conditional already
+        if 'merged' not in str(e):
+            raise
         teacher = load_model(name, **kwargs)
     return teacher.eval()
 
@@ -405,14 +399,14 @@ def _distill(cfg: DistillConfig, is_main: bool) -> Dict[str, Any]:
     if cfg.epochs > 0:
         stage1 = out / 'distill'
         c1 = dataclasses.replace(cfg, out=str(stage1))
-        result['distill'] = run(c1, lambda: _Staged(cfg, 'distill', teacher, img_size, None))
+        result['distill'] = run(c1, lambda: Distillation(cfg, 'distill', teacher, img_size))
         if is_main:
             _write_histogram(stage1 / 'log.jsonl', out, cfg)
     last = out / 'distill'
     if cfg.task_epochs > 0:
         last = out / 'task'
         c2 = dataclasses.replace(cfg, out=str(last), epochs=cfg.task_epochs)
-        result['task'] = run(c2, lambda: _Staged(cfg, 'task', teacher, img_size, stage1))
+        result['task'] = run(c2, lambda: Distillation(cfg, 'task', teacher, img_size, stage1))
     final = last / 'model.safetensors'
     if is_main and final.is_file():
         result['student'] = str(_export_student(cfg, final, out))
@@ -420,28 +414,10 @@ def _distill(cfg: DistillConfig, is_main: bool) -> Dict[str, Any]:
             from safetensors.torch import load_file
             from .hub.publish import save_safetensors
             state = load_file(str(stage1 / 'model.safetensors'))
-            save_safetensors({k.split('policy.', 1)[1]: v for k, v in state.items() if k.startswith('policy.')},
-                             out / 'policy.safetensors', metadata={'t_bins': str(cfg.t_bins)})
+            save_safetensors({k.split('policy.net.', 1)[1]: v for k, v in state.items() if k.startswith('policy.net.')},
+                             out / 'policy.safetensors', metadata={'t_bins': str(cfg.t_bins), 'net': cfg.policy_net})
             result['policy'] = str(out / 'policy.safetensors')
     return result
-
-
-class _Staged(Distillation):
-    """A stage whose parts start from the previous stage's weights (where they exist)."""
-
-    def __init__(self, cfg: DistillConfig, stage: str, teacher: Optional[nn.Module], img_size: int,
-                 previous: Optional[Path]) -> None:
-        super().__init__(cfg, stage, teacher, img_size)
-        self.previous = previous
-
-    def build(self, num_classes: int) -> None:
-        super().build(num_classes)
-        if self.previous is not None:
-            from safetensors.torch import load_file
-            state = load_file(str(self.previous / 'model.safetensors'))
-            mine = self.parts.state_dict()
-            keep = {k: v for k, v in state.items() if k in mine and mine[k].shape == v.shape}
-            self.parts.load_state_dict(keep, strict=False)
 
 
 def _export_student(cfg: DistillConfig, weights: Path, out: Path) -> Path:

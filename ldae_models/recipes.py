@@ -18,7 +18,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
-__all__ = ['Setting', 'RECIPES', 'ACTIVATION_MIB', 'train_config', 'plan_memory', 'static_bytes', 'recipe_table']
+__all__ = ['Setting', 'RECIPES', 'DISTILL_RECIPES', 'ACTIVATION_MIB', 'train_config', 'distill_config', 'plan_memory',
+           'static_bytes', 'recipe_table']
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,40 @@ RECIPES: Dict[str, Dict[str, Setting]] = {
         ema=Setting(0.0, 'ours'),
     ),
 }
+# RepFusion's official CIFAR-10 run (Adamdad/Repfusion, mmcls configs; the paper's Tab. 1 reads 95.38% for ResNet-18).
+_OFFICIAL = 'the official code'
+DISTILL_RECIPES: Dict[str, Dict[str, Setting]] = {
+    'repfusion_cifar10': dict(
+        dataset=Setting('cifar10', "CIFAR-10 (torchvision's files)"),
+        teacher=Setting('ddae_ddpm_cifar10_32.google', f'{_OFFICIAL}: google/ddpm-cifar10-32 (Ho et al.)'),
+        teacher_module=Setting('mid.1.res.conv2', f'{_OFFICIAL}: mid_block.resnets.1.conv2, 4 x 4 x 256, pooled'),
+        teacher_input=Setting('clean', f'{_OFFICIAL}: the clean image, t as conditioning'),
+        student=Setting('resnet18_cifar', f'{_OFFICIAL}: CIFAR ResNet-18 (3x3 stem, no max-pool)'),
+        student_layer=Setting(None, f'{_OFFICIAL}: layer4.1.relu pooled, which is the pooled pre-logits'),
+        policy=Setting('reinforce', f'{_OFFICIAL}: REINFORCE, reward -CE of the task head'),
+        policy_net=Setting('lenet', f'{_OFFICIAL}: PolicyNet_Cov'),
+        task_head=Setting('official', f'{_OFFICIAL}: Linear 256-256-256-10'),
+        reward_baseline=Setting('none', f'{_OFFICIAL}: no baseline'),
+        t_bins=Setting(1000, f'{_OFFICIAL}: a softmax over the 1000 steps'),
+        entropy_weight=Setting(0.1, f'{_OFFICIAL}'),
+        entropy_decay=Setting(0.5, f'{_OFFICIAL}: to 0 by epoch 100 of 200'),
+        kd_loss=Setting('mse', f'{_OFFICIAL}: l2 on pooled features'),
+        kd_weight=Setting(1.0, "ours: the official configs set kd_weight per run; 1 is its code's default"),
+        aug=Setting('pad_crop', f'{_OFFICIAL}: random crop with 4 px padding + flip (the padding black; ours: '
+                                'padded after normalising, the same black)'),
+        opt=Setting('sgd', f'{_OFFICIAL}: SGD'),
+        lr=Setting(0.1, f'{_OFFICIAL}: 0.1 at batch 128'),
+        momentum=Setting(0.9, f'{_OFFICIAL}'),
+        weight_decay=Setting(1e-4, f'{_OFFICIAL}'),
+        lr_milestones=Setting([100, 150], f'{_OFFICIAL}: x0.1 at epochs 100 and 150'),
+        warmup_epochs=Setting(0, f'{_OFFICIAL}: no warmup'),
+        batch_size=Setting(128, f'{_OFFICIAL}: 128 x 1 GPU'),
+        epochs=Setting(200, f'{_OFFICIAL}: 200 epochs of distillation'),
+        task_epochs=Setting(200, f'{_OFFICIAL}: 200 epochs on the labels'),
+        ema=Setting(0.999, f'{_OFFICIAL}: EMA 0.999'),
+    ),
+}
+
 # Not a config field, ours on every recipe: AdamW's betas (0.9, 0.95) are MAE's; App. A states none (DiT, which the
 # paper follows, keeps PyTorch's 0.999).
 ADAMW_BETAS = Setting((0.9, 0.95), "ours: MAE's; App. A states none (DiT keeps PyTorch's 0.999)")
@@ -162,12 +197,24 @@ def train_config(name: str, gpu_mem_gb: float = 80.0, world: int = 1, micro_batc
     return TrainConfig(**values), sources
 
 
-def recipe_table() -> str:
-    """The recipes as a Markdown table (field: value (source)), as the README shows them."""
-    names = list(RECIPES)
-    fields = sorted({f for r in RECIPES.values() for f in r}, key=lambda f: (f != 'model', f))
+def distill_config(name: str, **overrides: Any):
+    """The ``DistillConfig`` of RepFusion recipe ``name`` with ``overrides`` on top. Returns (config, sources)."""
+    from .distill import DistillConfig
+    if name not in DISTILL_RECIPES:
+        raise ValueError(f'unknown recipe {name!r}; the distillation recipes are: {", ".join(DISTILL_RECIPES)}')
+    values = {k: s.value for k, s in DISTILL_RECIPES[name].items()}
+    sources = {k: s.source for k, s in DISTILL_RECIPES[name].items()}
+    values.update(overrides)
+    sources.update({k: 'flag' for k in overrides})
+    return DistillConfig(**values), sources
+
+
+def recipe_table(recipes: Dict[str, Dict[str, Setting]] = RECIPES) -> str:
+    """Recipes as a Markdown table (field: value (source)), as the README shows them."""
+    names = list(recipes)
+    fields = sorted({f for r in recipes.values() for f in r}, key=lambda f: (f not in ('model', 'teacher'), f))
     lines = ['| field | ' + ' | '.join(f'`{n}`' for n in names) + ' |', '|---' * (len(names) + 1) + '|']
     for f in fields:
-        cells = [f'{RECIPES[n][f].value} ({RECIPES[n][f].source})' if f in RECIPES[n] else '' for n in names]
+        cells = [f'{recipes[n][f].value} ({recipes[n][f].source})' if f in recipes[n] else '' for n in names]
         lines.append(f'| `{f}` | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)

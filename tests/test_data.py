@@ -102,7 +102,7 @@ def test_augment_on_the_device():
     assert torch.equal(D.augment(x, 'rrc', u=u)[:8], D.augment(x[:8], 'rrc', u=u[:8]))  # a slice of the draws
     u_full = torch.tensor([[1.0, 0.5, 0.5, 0.5, 0.9]]).expand(64, 5)  # area 1, ratio 1, centred, no flip
     assert torch.allclose(D.augment(x, 'rrc', u=u_full), x, atol=1e-5)
-    with pytest.raises(ValueError, match=r"one of \('center', 'flip', 'rrc'\)"):
+    with pytest.raises(ValueError, match=r"augmentation must be one of \('center', 'flip', 'rrc', 'pad_crop'\)"):
         D.augment(x, 'cutmix')
 
 
@@ -129,3 +129,27 @@ def test_a_subset_is_chosen_before_decoding(folder, monkeypatch):
     assert sum(decoded) == 7 + 1  # the 7 images, and the first once more to learn the size
     whole = load_split('folder', folder, 'train', 16, progress=False).subset(7, seed=3)
     assert torch.equal(part.images, whole.images) and torch.equal(part.labels, whole.labels)
+
+
+def test_pad_crop_is_an_exact_shift_and_flip_is_a_mirror():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
+    u = torch.tensor([[0.0, 0.0, 0.5, 0.5, 0.9],    # offset (4, 4) of 0..8 with pad 4: no shift, no flip
+                      [0.0, 0.0, 0.0, 0.99, 0.1]])  # offset (0, 8): 4 rows of fill above, 4 columns left, flipped
+    y = D.augment(x, 'pad_crop', u=u)
+    assert torch.equal(y[0], x[0])
+    assert (y[1, :, :4] == -1).all() and torch.equal(y[1, :, 4:, 4:], x[1, :, :2, 4:].flip(-1))
+    assert (y[1, :, 4:, :4] == -1).all()
+    f = D.augment(x, 'flip', u=u)
+    assert torch.equal(f[0], x[0]) and torch.equal(f[1], x[1].flip(-1))
+
+
+def test_the_cifar_resnet_keeps_32_px_through_its_stem():
+    import timm
+    import ldae_models  # noqa: F401 -- registers resnet18_cifar
+    m = timm.create_model('resnet18_cifar', features_only=True)
+    assert [o.shape[-1] for o in m(torch.zeros(1, 3, 32, 32))] == [32, 32, 16, 8, 4]
+    assert m.feature_info.reduction() == [1, 1, 2, 4, 8]
+    net = timm.create_model('resnet18_cifar', num_classes=10)
+    assert sum(p.numel() for p in net.parameters()) == 11_173_962 and net.conv1.kernel_size == (3, 3)
+    with pytest.raises(ValueError, match='no pretrained weights'):
+        timm.create_model('resnet18_cifar', pretrained=True)

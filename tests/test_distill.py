@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from ldae_models import distill as D
+from ldae_models import repfusion as R
 from ldae_models import engine as E
 from ldae_models import train as T
 from ldae_models.cli import main
@@ -43,15 +44,15 @@ def records(path):
 
 def test_the_policy_learns_the_one_timestep_that_pays():
     torch.manual_seed(0)
-    policy = D.TimestepPolicy(bins=10, width=8)
+    policy = R.PolicyCNN(bins=10, width=8)
     opt = torch.optim.Adam(policy.parameters(), lr=3e-2)
     baseline = torch.zeros(())
     x = torch.randn(32, 3, 16, 16)
     assert torch.allclose(policy(x).softmax(-1), torch.full((32, 10), 0.1))  # uniform at the start
     for _ in range(150):
-        idx, logp, entropy = D.TimestepPolicy.sample(policy(x), torch.rand(32))
+        idx, logp, entropy = R.sample(policy(x), torch.rand(32))
         reward = (idx == 7).float()  # a toy reward: only t-bin 7 pays
-        loss = D.reinforce_loss(logp, entropy, reward, baseline, entropy_weight=0.01)
+        loss = R.reinforce_loss(logp, entropy, reward, baseline, entropy_weight=0.01)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -61,7 +62,7 @@ def test_the_policy_learns_the_one_timestep_that_pays():
 
 def test_sampling_inverts_the_cdf():
     logits = torch.log(torch.tensor([[0.2, 0.3, 0.5]])).expand(5, 3)
-    idx, logp, entropy = D.TimestepPolicy.sample(logits, torch.tensor([0.0, 0.19, 0.21, 0.49, 0.99]))
+    idx, logp, entropy = R.sample(logits, torch.tensor([0.0, 0.19, 0.21, 0.49, 0.99]))
     assert idx.tolist() == [0, 0, 1, 1, 2]
     assert torch.allclose(logp, torch.log(torch.tensor([0.2, 0.2, 0.3, 0.3, 0.5])))
     assert torch.allclose(entropy, -(torch.tensor([0.2, 0.3, 0.5]) * torch.tensor([0.2, 0.3, 0.5]).log()).sum())
@@ -221,3 +222,109 @@ def test_the_command_line_answers_a_bad_teacher_in_one_line(folder, tmp_path, ca
     assert main(['distill', *args(folder, 'no_such_model', tmp_path / 'o')]) == 2
     err = capsys.readouterr().err
     assert "unknown model 'no_such_model'" in err and 'Traceback' not in err
+
+
+# -- the seams: any teacher family, the official tap, the loss table, strict staging -----------------------------------
+
+SMALL_UNET = dict(base_channels=32, channel_mult=[1, 2], num_res_blocks=1, norm_groups=8, img_size=16, out_k=2)
+
+
+def seam_args(folder, out, *extra):
+    return ['distill', '--data-root', str(folder), '--out', str(out), '--student', 'resnet18_cifar', '--student-args',
+            json.dumps(dict(layers=[1, 1, 1, 1])), '--batch-size', '8', '--epochs', '1', '--task-epochs', '0',
+            '--warmup-epochs', '0', '--workers', '0', '--quiet', '--allow-random-teacher', '--log-every', '1', *extra]
+
+
+def test_a_dit_teacher_distils(folder, tmp_path):
+    """A DiT encoder comes back conditional (merged=False) and teaches: the loss is finite at every step."""
+    dit = dict(img_size=16, in_chans=3, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_labels=2, y=2)
+    out = tmp_path / 'dit'
+    assert main(seam_args(folder, out, '--teacher', 'dit_s_patch2_256', '--teacher-args', json.dumps(dit),
+                          '--policy', 'random', '--t-bins', '10', '--kd-loss', 'cosine')) == 0
+    kd = [r['kd'] for r in records(out / 'distill' / 'log.jsonl')]
+    assert len(kd) == 5 and all(0 <= v < 2 for v in kd)  # 1 - cosine
+
+
+def test_a_unet_teacher_at_its_mid_block_with_the_official_policy(folder, tmp_path):
+    out = tmp_path / 'unet'
+    assert main(seam_args(folder, out, '--teacher', 'ddae_ddpm_cifar10_32', '--teacher-args', json.dumps(SMALL_UNET),
+                          '--teacher-module', 'mid.1.res.conv2', '--teacher-input', 'clean', '--policy', 'reinforce',
+                          '--policy-net', 'lenet', '--task-head', 'official', '--reward-baseline', 'none',
+                          '--t-bins', '50', '--aug', 'pad_crop', '--opt', 'sgd', '--lr', '0.05',
+                          '--lr-milestones', '0.5', '--ema', '0.9')) == 0
+    state = load_file(str(out / 'distill' / 'model.safetensors'))
+    assert state['projector.weight'].shape == (64, 512)  # the student's 512 -> the mid block's 64 channels
+    assert 'policy.net.classifier.4.weight' in state and 'task_head.4.weight' in state  # LeNet, 3-layer head
+    assert not any(k.startswith('baseline') for k in state)
+    assert load_file(str(out / 'policy.safetensors'))['classifier.4.weight'].shape[0] == 50
+    lrs = [r['lr'] for r in records(out / 'distill' / 'log.jsonl')]
+    assert lrs[:2] == [0.05, 0.05] and lrs[-1] == pytest.approx(0.005)  # x0.1 from half the epoch (step 3 of 5)
+
+
+def test_the_mid_block_tap_matches_a_hook_on_diffusers_unet(tmp_path):
+    """The official tap, mid_block.resnets.1.conv2 of diffusers' UNet2DModel (random weights), is ours at
+    mid.1.res.conv2, pooled, for the clean image at each t."""
+    diffusers = pytest.importorskip('diffusers')
+    import timm
+    from ldae_models.models.ddae_unet import unet_diffusers_to_ddae
+    from ldae_models.hub import load_state_dict_strict
+    cfg = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+               norm_num_groups=8, down_block_types=('DownBlock2D', 'AttnDownBlock2D'),
+               up_block_types=('AttnUpBlock2D', 'UpBlock2D'), downsample_padding=0, flip_sin_to_cos=False,
+               freq_shift=1, norm_eps=1e-6, attention_head_dim=None)
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DModel(**cfg).eval()
+    teacher = timm.create_model('ddae_ddpm_cifar10_32', base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                                norm_groups=8, out_k=2).eval()
+    load_state_dict_strict(teacher, {k: v for k, v in unet_diffusers_to_ddae(ref.state_dict()).items()
+                                     if k in teacher.state_dict()})
+    seen = []
+    ref.mid_block.resnets[1].conv2.register_forward_hook(lambda m, i, o: seen.append(o))
+    x, t = torch.randn(3, 3, 32, 32), torch.tensor([0.0, 10.0, 500.0])
+    with torch.no_grad():
+        ref(x, t)
+    expected = seen[0].mean(dim=(-2, -1))
+    d = D.Distillation(D.DistillConfig(teacher='ddae_ddpm_cifar10_32', teacher_module='mid.1.res.conv2',
+                                       teacher_input='clean', policy='random', t_bins=10), 'distill', teacher, 32)
+    d._check_teacher()
+    got = d.teacher_features(x, t, None)
+    assert got.shape == (3, 64) and torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bare_teacher_name_without_weights_is_refused_naming_the_tag(folder, tmp_path, capsys):
+    code = main(['distill', '--data-root', str(folder), '--out', str(tmp_path / 'o'), '--teacher',
+                 'ldae_vit_tiny_patch4_32', '--epochs', '1', '--workers', '0'])
+    err = capsys.readouterr().err
+    assert code == 2 and 'names no weights' in err and 'ldae_vit_tiny_patch4_32.cifar10' in err
+    assert not (tmp_path / 'o').exists()
+
+
+def test_a_stage_2_student_of_another_shape_fails_with_the_hubs_mismatch_error(folder, teacher, tmp_path):
+    from ldae_models.hub import CheckpointMismatchError
+    out = tmp_path / 's1'
+    assert main(['distill', *args(folder, teacher, out, '--policy', 'fixed', '--task-epochs', '0',
+                                  '--epochs', '1')]) == 0
+    cfg = D.DistillConfig(teacher=teacher, student='resnet18', student_args=dict(layers=[1, 1, 1, 1]),
+                          policy='fixed', task_kd_weight=0.0)
+    stage2 = D.Distillation(cfg, 'task', None, 16, previous=out / 'distill')
+    with pytest.raises(CheckpointMismatchError, match=r'(?s)\(student\) does not fit.*unexpected keys: layer1\.1'):
+        stage2.build(2)
+    D.Distillation(dataclasses.replace(cfg, student_args={}), 'task', None, 16, previous=out / 'distill').build(2)
+
+
+def test_the_kd_losses_and_the_official_recipe():
+    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    assert torch.allclose(R.KD_LOSSES['mse'](a, b), ((a - b) ** 2).mean())
+    assert torch.allclose(R.KD_LOSSES['l1'](a, b), (a - b).abs().mean())
+    assert torch.allclose(R.KD_LOSSES['cosine'](a, 3 * a), torch.zeros(()), atol=1e-6)
+    assert torch.allclose(R.KD_LOSSES['mse_norm'](a, 2 * a), torch.zeros(()), atol=1e-7)
+    from ldae_models.recipes import DISTILL_RECIPES, distill_config
+    cfg, sources = distill_config('repfusion_cifar10', data_root='d', out='o', epochs=3)
+    assert (cfg.teacher, cfg.teacher_module, cfg.teacher_input, cfg.student) == (
+        'ddae_ddpm_cifar10_32.google', 'mid.1.res.conv2', 'clean', 'resnet18_cifar')
+    assert (cfg.opt, cfg.lr, cfg.lr_milestones, cfg.ema, cfg.task_epochs, cfg.aug) == (
+        'sgd', 0.1, [100, 150], 0.999, 200, 'pad_crop')
+    assert (cfg.policy_net, cfg.task_head, cfg.reward_baseline) == ('lenet', 'official', 'none')
+    assert cfg.epochs == 3 and sources['epochs'] == 'flag' and set(sources) >= set(DISTILL_RECIPES['repfusion_cifar10'])
+    with pytest.raises(ValueError, match="unknown recipe 'nope'"):
+        distill_config('nope')

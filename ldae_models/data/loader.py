@@ -25,7 +25,7 @@ __all__ = ['AUGMENTATIONS', 'STOP_SIGNALS', 'augment', 'normalize', 'stream', 'b
            'training_source',
            'default_workers', 'fits_in_memory', 'in_memory_data']
 
-AUGMENTATIONS = ('center', 'flip', 'rrc')
+AUGMENTATIONS = ('center', 'flip', 'rrc', 'pad_crop')
 STOP_SIGNALS = ('SIGTERM', 'SIGUSR1')  # a scheduler's notice: the main process checkpoints, workers ignore it
 IN_MEMORY_FRACTION = 0.25  # the decoded data may take this share of the free host (and device) memory
 
@@ -40,14 +40,15 @@ def normalize(images: torch.Tensor, mean: Sequence[float] = (0.5, 0.5, 0.5), std
 
 def augment(images: torch.Tensor, mode: str, generator: Optional[torch.Generator] = None,
             scale: Tuple[float, float] = (0.2, 1.0), ratio: Tuple[float, float] = (3 / 4, 4 / 3),
-            u: Optional[torch.Tensor] = None) -> torch.Tensor:
+            u: Optional[torch.Tensor] = None, pad: int = 4, fill: float = -1.0) -> torch.Tensor:
     """Batched augmentation of float images (B, C, H, W), the random draws from ``generator`` (or given: ``u``, (B, 5)
     uniforms in [0, 1), so that a rank can take its slice of draws made for a whole global batch).
 
     ``'center'``: none (the images are the center square already: the paper's default). ``'flip'``: a horizontal
     flip with probability 1/2 (DiT's). ``'rrc'``: a random resized crop of the center square (area fraction in
     ``scale``, aspect ratio in ``ratio``, log-uniform; MAE's ranges) back to H x W with bilinear sampling, and the
-    flip.
+    flip. ``'pad_crop'``: the CIFAR crop: the image padded by ``pad`` pixels of ``fill`` (black of [-1, 1] images),
+    an H x W window at a uniform integer offset, and the flip (exact: no resampling).
     """
     if mode == 'center':
         return images
@@ -61,6 +62,16 @@ def augment(images: torch.Tensor, mode: str, generator: Optional[torch.Generator
     flip = u[:, 4] < 0.5
     if mode == 'flip':
         return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+    if mode == 'pad_crop':
+        H, W = images.shape[-2:]
+        dy = (u[:, 2] * (2 * pad + 1)).long().clamp(max=2 * pad)  # the window's corner in the padded image
+        dx = (u[:, 3] * (2 * pad + 1)).long().clamp(max=2 * pad)
+        padded = F.pad(images, (pad, pad, pad, pad), value=fill)
+        rows = dy[:, None] + torch.arange(H, device=images.device)
+        cols = dx[:, None] + torch.arange(W, device=images.device)
+        cols = torch.where(flip[:, None], cols.flip(-1), cols)
+        out = padded[torch.arange(B, device=images.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+        return out.permute(0, 3, 1, 2).contiguous()
     area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
     log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
     r = log_r.exp()

@@ -4,7 +4,7 @@ extends it with the denoising model (``train.TrainConfig``), ``ldae-models disti
 (``distill.DistillConfig``); recipes (``recipes.py``) fill it from a table."""
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from ..data import AUGMENTATIONS, DATASETS
 
@@ -58,6 +58,9 @@ class RunConfig:
     blr: float = arg(1e-4, 'base lr: lr = blr * batch / 256 (the paper)', min=0)
     lr: float = arg(0.0, 'absolute peak lr (overrides blr; 0: from blr)', min=0)
     warmup_epochs: float = arg(100, 'linear warmup (the paper: 100 of 400 epochs), then half-cycle cosine to 0', min=0)
+    lr_milestones: List[float] = arg(None, 'epochs at which the lr is multiplied by --lr-gamma (a step decay instead '
+                                           'of the cosine; none: cosine)', factory=list)
+    lr_gamma: float = arg(0.1, 'the factor of each --lr-milestones step', above=0, below=1)
     opt: str = arg('adamw', "optimizer, by its name in timm's create_optimizer_v2 ('adamw', 'sgd', 'lars', 'lamb', ...); "
                            "weight decay spares 1-D parameters and each model's no_weight_decay()")
     momentum: float = arg(0.9, 'momentum of the SGD-family optimizers (sgd, lars, ...)', min=0, below=1)

@@ -171,6 +171,7 @@ class _Run:
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.warmup = int(round(self.total_steps * min(1.0, cfg.warmup_epochs / max(cfg.epochs, 1e-9))))
         self.peak_lr = cfg.lr or cfg.blr * cfg.batch_size / 256
+        self.milestones = [int(round(e * self.steps_per_epoch)) for e in cfg.lr_milestones]
 
         # optimizer, EMA, and the state: resumed, or prepared (l-DAE: the PCA fit)
         self.ema = None
@@ -272,7 +273,8 @@ class _Run:
         micro_i = (offset % self.part) // self.micro
         x = normalize(images)
         if micro_i == 0:
-            self.lr = lr_at(step, self.total_steps, self.warmup, self.peak_lr)
+            self.lr = lr_at(step, self.total_steps, self.warmup, self.peak_lr, milestones=self.milestones,
+                            gamma=cfg.lr_gamma)
             for group in self.opt.param_groups:
                 group['lr'] = self.lr
             self.objective.begin_step(step, self.steps_per_epoch)

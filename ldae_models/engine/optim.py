@@ -1,6 +1,6 @@
 """The optimizer and the learning-rate schedule of every run of the zoo: training, distillation and both probes."""
 import math
-from typing import Any, Dict, Set
+from typing import Any, Dict, Sequence, Set
 
 import torch
 import torch.nn as nn
@@ -8,12 +8,18 @@ import torch.nn as nn
 __all__ = ['lr_at', 'build_optimizer', 'no_weight_decay_names']
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float, min_lr: float = 0.0) -> float:
-    """Linear warmup, then half-cycle cosine (the paper's schedule)."""
+def lr_at(step: int, total: int, warmup: int, peak: float, min_lr: float = 0.0,
+          milestones: Sequence[int] = (), gamma: float = 0.1) -> float:
+    """The lr at ``step`` of ``total``: a linear warmup over ``warmup`` steps, then a half-cycle cosine to ``min_lr``
+    (the l-DAE paper's schedule, MAE's probe's); with ``milestones`` (steps), a step decay instead: the peak times
+    ``gamma`` for each milestone passed (RepFusion's official SGD schedule)."""
     if step < warmup:
         return peak * (step + 1) / warmup
+    if milestones:
+        return peak * gamma ** sum(step >= m for m in milestones)
     progress = (step - warmup) / max(1, total - warmup)
     return min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
 
 def no_weight_decay_names(model: nn.Module) -> Set[str]:
     """The parameters a model and every module inside it name in ``no_weight_decay()`` (position embeddings, class

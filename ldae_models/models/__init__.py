@@ -5,4 +5,5 @@ from .ddae_unet import DDAEUNet, UNet
 from .dit import DDAE_DIT_PRESET, DiT, DiTEncoder, create_dit, list_dits
 from .extractor import FeatureExtractor, TimmFeatures, as_extractor
 from .ldae_vit import LDAEEncoder, LatentDAE, create_dae, list_daes
+from .resnet_cifar import CifarResNet
 from .wrappers import DiffusionInput
