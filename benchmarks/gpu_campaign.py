@@ -344,28 +344,15 @@ class Campaign:
             self.save(report=False)
 
     def plots(self) -> None:
-        try:
-            import matplotlib
-            matplotlib.use('Agg')
-            import matplotlib.pyplot as plt
-        except ImportError:
+        from ldae_models.plots import bar_chart, plot_grid, pyplot
+        if pyplot(required=False) is None:
             return
         r = self.results
         rows = [(n, x['probe']['top1']) for n, x in r['runs'].items() if 'top1' in x.get('probe', {})]
         fl = [(f'floor: {k}', v['top1']) for k, v in r.get('floors', {}).items() if isinstance(v, dict) and 'top1' in v]
-        if rows:
-            fig, ax = plt.subplots(figsize=(7, 0.4 * (len(rows) + len(fl)) + 1))
-            names, vals = zip(*(rows + fl))
-            ax.barh(names, vals, color=['tab:blue'] * len(rows) + ['tab:gray'] * len(fl))
-            ax.invert_yaxis()
-            ax.set_xlabel('linear probe top-1 (%)')
-            ax.set_title('runs (sweep, long, trends) and floors')
-            fig.tight_layout()
-            fig.savefig(self.work / 'runs.png', dpi=110)
-            plt.close(fig)
+        bar_chart(rows, fl, self.work / 'runs.png', 'runs (sweep, long, trends) and floors')
         grid = r.get('grid_clean')
         if isinstance(grid, list) and grid:
-            from ldae_models.probe import plot_grid
             plot_grid({(g['layer'], g['t']): g['top1'] for g in grid}, str(self.work / 'grid_clean.png'),
                       title='long run: probe top-1 (%), clean input', layer_label='block (0-based, decoder after encoder)')
 
@@ -374,6 +361,7 @@ def collect(work: Path, out: Path, shard_mib: int = 15) -> List[str]:
     """The files to bring back: results, report, plots, the long run's whole DAE in float16 shards (8 files at most)."""
     import torch
     from ldae_models.hub import read_checkpoint, save_sharded
+    from ldae_models.hub.publish import cast_floats
     out.mkdir(parents=True, exist_ok=True)
     names = []
     for f in ('results.json', 'results.md', 'runs.png', 'grid_clean.png'):
@@ -382,10 +370,7 @@ def collect(work: Path, out: Path, shard_mib: int = 15) -> List[str]:
             names.append(f)
     weights = work / 'runs' / 'long' / 'model.safetensors'
     if weights.is_file():
-        state = read_checkpoint(weights)
-        keep = ('tokenizer.', 'pos_embed')  # the PCA statistics and the sin-cos positions stay float32
-        half = {k: v if (not v.is_floating_point() or any(s in k for s in keep)) else v.to(torch.float16)
-                for k, v in state.items()}
+        half = cast_floats(read_checkpoint(weights), torch.float16)  # the PCA and the positions stay float32
         index = save_sharded(half, out / 'long_dae_fp16', max_shard_bytes=shard_mib << 20,
                              metadata={'architecture': MODEL})
         names += [str(p.relative_to(out)) for p in sorted(index.parent.iterdir())]

@@ -10,16 +10,16 @@ from .hub import (
 from .layers import NoiseSchedule, PatchPCA, create_schedule
 from .models import (
     DDAE_DIT_PRESET, AdaLNViT, DDAEUNet, DiffusionInput, DiT, DiTEncoder, FeatureExtractor, LDAEEncoder, LatentDAE,
-    MergedViT, UNet, as_extractor, create_dae, create_dit, has_weights, list_daes, list_dits, list_models,
+    MergedViT, UNet, as_extractor, create_dae, create_dit, has_weights, list_models,
 )
 
 __version__ = '0.2.0'
 
 __all__ = [
     # l-DAE
-    'LatentDAE', 'LDAEEncoder', 'PatchPCA', 'create_dae', 'list_daes',
+    'LatentDAE', 'LDAEEncoder', 'PatchPCA', 'create_dae',
     # DiT
-    'DiT', 'DiTEncoder', 'DiffusionInput', 'DDAE_DIT_PRESET', 'create_dit', 'list_dits',
+    'DiT', 'DiTEncoder', 'DiffusionInput', 'DDAE_DIT_PRESET', 'create_dit',
     # DDAE UNets
     'UNet', 'DDAEUNet',
     # shared: the encoder contract, schedules, the zoo

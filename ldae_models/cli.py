@@ -167,30 +167,6 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
-def denoising_figure(images: torch.Tensor, noisy: torch.Tensor, pred: torch.Tensor, t: float, path: str) -> List[Dict]:
-    """The paper's Fig. 8 with titles: per row clean / noised at t / denoised, each with its MSE to the clean image."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    rows = []
-    fig, axes = plt.subplots(len(images), 3, figsize=(7.5, 2.6 * len(images)), squeeze=False)
-    for i in range(len(images)):
-        mse_noisy = (noisy[i] - images[i]).square().mean().item()
-        mse_pred = (pred[i] - images[i]).square().mean().item()
-        rows.append(dict(mse_noisy=mse_noisy, mse_denoised=mse_pred))
-        for j, (img, title) in enumerate(((images[i], 'clean'), (noisy[i], f'noised at t={t:g}\nMSE {mse_noisy:.4f}'),
-                                          (pred[i], f'denoised\nMSE {mse_pred:.4f}'))):
-            ax = axes[i, j]
-            ax.imshow(((img.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy(), interpolation='nearest')
-            ax.set_title(title, fontsize=9)
-            ax.axis('off')
-    fig.suptitle('l-DAE denoising (MSE against the clean image, images in [-1, 1])', fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return rows
-
-
 def cmd_denoise(args: argparse.Namespace) -> int:
     """The paper's Fig. 8: clean image, its latent-noised version (the network input), the denoised output."""
     from .models import full_model, names_weights
@@ -208,6 +184,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     with torch.no_grad():
         noisy, _ = dae.add_noise(images, args.t, generator=torch.Generator().manual_seed(args.seed))
         pred = dae.denoise(noisy, args.t)
+    from .plots import denoising_figure
     rows = denoising_figure(images, noisy, pred, args.t, args.out)
     for i, r in enumerate(rows):
         print(f'  image {i}: MSE noised {r["mse_noisy"]:.4f} -> denoised {r["mse_denoised"]:.4f}')
@@ -287,9 +264,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from fnmatch import fnmatchcase
     from .hub.checkpoint import read_checkpoint, unwrap_state_dict
-    from .hub.publish import save_safetensors
+    from .hub.publish import FLOAT32_KEPT, cast_floats, save_safetensors
     _stage(f'reading {args.src}' + (f' into {args.model} (a strict load checks it)' if args.model else ''))
     if args.full:  # the whole model (an l-DAE's decoder and tokenizer too), checked by a strict load
         from .models import full_model
@@ -302,10 +278,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     else:
         state = unwrap_state_dict(read_checkpoint(args.src), prefer_ema=not args.no_ema)
     if args.dtype:
-        dtype = getattr(torch, args.dtype)
-        keep = args.keep if args.keep is not None else ['*tokenizer.*', '*pos_embed']
-        state = {k: v.to(dtype) if v.is_floating_point() and not any(fnmatchcase(k, p) for p in keep) else v
-                 for k, v in state.items()}
+        state = cast_floats(state, getattr(torch, args.dtype), FLOAT32_KEPT if args.keep is None else args.keep)
     _stage(f'writing {args.dst}')
     save_safetensors(state, args.dst, metadata={'architecture': args.model} if args.model else None)
     size = os.path.getsize(args.dst) / 2 ** 20
@@ -471,7 +444,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from .probe import grid_to_json, mae_linear_probe, plot_grid, probe_features, write_json
+    from .plots import plot_grid
+    from .probe import grid_to_json, mae_linear_probe, probe_features, write_json
     device = _device(args.device)
     model = _model(args, merged=False, **({} if args.t is None else {'t': args.t})).to(device)
     from .features import feature_cells

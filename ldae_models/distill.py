@@ -445,29 +445,11 @@ def _export_student(cfg: DistillConfig, weights: Path, out: Path) -> Path:
 
 
 def _write_histogram(log_path: Path, out: Path, cfg: DistillConfig) -> None:
-    """``OUT/t_histogram.json`` (per log step: the counts of the chosen t in tenths of the range) and a plot."""
+    """``OUT/t_histogram.json`` (per log step: the counts of the chosen t in tenths of the range) and its plot."""
     if not log_path.is_file():
         return
     rows = [json.loads(x) for x in log_path.read_text().splitlines()]
     rows = [dict(step=r['step'], epoch=r['epoch'], t_hist=r['t_hist']) for r in rows if 't_hist' in r]
     (out / 't_histogram.json').write_text(json.dumps(dict(policy=cfg.policy, bins=HIST_BINS, rows=rows), indent=1))
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    if not rows:
-        return
-    counts = torch.tensor([r['t_hist'] for r in rows], dtype=torch.float32)
-    frac = counts / counts.sum(1, keepdim=True).clamp(min=1)
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    im = ax.imshow(frac.T.numpy(), aspect='auto', origin='lower', cmap='viridis',
-                   extent=(0, rows[-1]['epoch'], 0, 1))  # each column: the log interval that ends at its epoch
-    ax.set_xlabel('epoch of the distillation')
-    ax.set_ylabel('t / T (tenths)')
-    ax.set_title(f'RepFusion: share of the chosen t ({cfg.policy} policy)')
-    fig.colorbar(im, ax=ax, label='share of the images')
-    fig.tight_layout()
-    fig.savefig(out / 't_histogram.png', dpi=110)
-    plt.close(fig)
+    from .plots import t_histogram_figure
+    t_histogram_figure(rows, out / 't_histogram.png', cfg.policy)

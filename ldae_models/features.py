@@ -20,6 +20,7 @@ from .models.extractor import FeatureDict, LayerSpec, TimestepSpec, as_extractor
 __all__ = ['extract_features', 'dataset_features', 'feature_key', 'FeatureWriter', 'save_feature_shards',
            'load_feature_shards', 'read_feature_index', 'feature_cells', 'cached_features']
 
+GridKey = Tuple[int, Optional[float]]  # a (layer, t) cell
 Sink = Callable[[FeatureDict, torch.Tensor], None]  # told each batch's features and labels, in order
 
 

@@ -27,15 +27,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import ImageData, Split, augment, batches, normalize, sequential
-from .features import dataset_features, feature_key
+from .features import GridKey, dataset_features, feature_key
 from .engine.optim import lr_at  # the one lr schedule of the zoo
 from .models.extractor import FeatureDict, as_extractor
 
 __all__ = ['LinearProbeHead', 'fit_linear_probe', 'knn_accuracy', 'grid_probe', 'probe_features', 'floors',
-           'mae_linear_probe', 'mae_lars', 'plot_grid', 'random_counterpart', 'pixel_features', 'check_against_lbfgs', 'SOLVERS']
+           'mae_linear_probe', 'mae_lars', 'random_counterpart', 'pixel_features', 'check_against_lbfgs', 'SOLVERS']
 
 SOLVERS = ('lbfgs', 'adam')
-GridKey = Tuple[int, Optional[float]]
 
 
 class LinearProbeHead(nn.Module):
@@ -442,44 +441,6 @@ def _nullcontext():
 def grid_to_json(results: Dict[GridKey, Dict[str, float]]) -> List[Dict[str, Any]]:
     return [dict(layer=k[0], t=k[1], key=feature_key(*k), **v) for k, v in sorted(
         results.items(), key=lambda kv: (kv[0][0], -1 if kv[0][1] is None else kv[0][1]))]
-
-
-def plot_grid(results: Dict[GridKey, float], path: str, title: str = 'linear probe top-1 (%)',
-              layer_label: str = 'block') -> str:
-    """Write a heat map of a grid probe (layers x timesteps, values top-1 %) to ``path`` (needs matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ImportError('plot_grid needs matplotlib: pip install "ldae-models[demo]"') from e
-    layers = sorted({k[0] for k in results})
-    ts = sorted({k[1] for k in results}, key=lambda v: -1 if v is None else v)
-    grid = torch.full((len(layers), len(ts)), float('nan'))
-    for (layer, t), v in results.items():
-        grid[layers.index(layer), ts.index(t)] = v
-    import textwrap
-    width = max(4.5, 1.8 + 0.9 * len(ts))  # room for the title, wrapped to the figure's width
-    title = '\n'.join(textwrap.wrap(title, width=max(20, int(width * 9))))
-    fig, ax = plt.subplots(figsize=(width, 1.4 + 0.45 * len(layers) + 0.2 * title.count('\n')))
-    im = ax.imshow(grid.numpy(), cmap='viridis', aspect='auto')
-    ax.set_xticks(range(len(ts)), ['-' if t is None else f'{t:g}' for t in ts])
-    ax.set_yticks(range(len(layers)), [str(v) for v in layers])
-    ax.set_xlabel('t')
-    ax.set_ylabel(layer_label)
-    lo, hi = float(grid.nan_to_num(float('inf')).min()), float(grid.nan_to_num(float('-inf')).max())
-    for i in range(len(layers)):
-        for j in range(len(ts)):
-            v = float(grid[i, j])
-            if not math.isnan(v):
-                bright = hi > lo and (v - lo) / (hi - lo) > 0.6  # viridis is light at the top: dark text there
-                ax.text(j, i, f'{v:.1f}', ha='center', va='center', color='k' if bright else 'w', fontsize=8)
-    fig.colorbar(im, ax=ax)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def write_json(path: str, obj: Any) -> None:

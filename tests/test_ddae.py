@@ -10,7 +10,8 @@ import ldae_models
 from ldae_models.features import extract_features
 from ldae_models.models.ddae_unet import unet_diffusers_to_ddae
 from ldae_models.data import ImageData
-from ldae_models.probe import fit_linear_probe, grid_probe, plot_grid
+from ldae_models.plots import plot_grid
+from ldae_models.probe import fit_linear_probe, grid_probe
 from conftest import fake_hf_cache, randomize_, rel_err
 
 TOL = 1e-5

@@ -260,7 +260,8 @@ def test_vae_attached_takes_images():
 
 def test_registry_tags_and_ddae_preset():
     names = timm.list_models('dit_*')
-    assert len([n for n in names if n.startswith('dit_')]) == 24
+    from ldae_models.models.dit import DIT_CONFIGS, _SIZES
+    assert len([n for n in names if n.startswith('dit_')]) == len(DIT_CONFIGS) == len(_SIZES) * 3 * 2  # patch, res
     tags = timm.list_pretrained('dit*')
     assert {'dit_xl_patch2_256.fb_in1k', 'dit_xl_patch2_512.fb_in1k', 'dit_xl_patch2_256.fb_in1k_diffusers',
             'dit_xl_patch2_512.fb_in1k_diffusers'} <= set(tags)

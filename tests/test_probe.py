@@ -128,7 +128,7 @@ def test_mae_lars_adapts_the_weight_matrix_only():
 def test_the_grid_plot_wraps_a_long_title(tmp_path, monkeypatch):
     pytest.importorskip('matplotlib')
     import matplotlib.axes
-    from ldae_models.probe import plot_grid
+    from ldae_models.plots import plot_grid
     titles = []
     real = matplotlib.axes.Axes.set_title
     monkeypatch.setattr(matplotlib.axes.Axes, 'set_title', lambda self, t, *a, **k: titles.append(t) or real(self, t, *a, **k))

@@ -10,7 +10,7 @@ import json
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -25,6 +25,19 @@ _KEPT_WEIGHT_INFO = ('license',)
 _TIMM_VIT_BY_WIDTH = {192: 'vit_tiny_patch16_224', 384: 'vit_small_patch16_224', 768: 'vit_base_patch16_224',
                       1024: 'vit_large_patch16_224', 1152: 'vit_so400m_patch14_siglip_224',
                       1280: 'vit_huge_patch14_224'}
+
+
+FLOAT32_KEPT = ('*tokenizer.*', '*pos_embed')  # the PCA statistics and the sin-cos positions: exact in float32
+
+
+def cast_floats(state: Dict[str, torch.Tensor], dtype: torch.dtype, keep: Sequence[str] = FLOAT32_KEPT
+                ) -> Dict[str, torch.Tensor]:
+    """The state dict with its floating-point tensors in ``dtype`` (float16, bfloat16 to ship smaller files), except
+    those whose names match a pattern of ``keep`` (fnmatch): ``ldae-models convert --dtype`` and the campaign's
+    collected weights."""
+    from fnmatch import fnmatchcase
+    return {k: v.to(dtype) if v.is_floating_point() and not any(fnmatchcase(k, p) for p in keep) else v
+            for k, v in state.items()}
 
 
 def save_safetensors(tensors: Dict[str, torch.Tensor], path: PathLike, metadata: Optional[Dict[str, str]] = None

@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 import torch
 
 __all__ = [
-    'SOURCE_KEYS', 'WeightSource', 'CheckpointError', 'ChecksumError', 'SourceError', 'weight_source', 'packaged_file', 'sha256_note',
+    'SOURCE_KEYS', 'SOURCE_KINDS', 'WeightSource', 'FileSource', 'HubSource', 'UrlSource', 'CheckpointError', 'ChecksumError', 'SourceError', 'weight_source', 'packaged_file', 'sha256_note',
     'cfg_sha256', 'sha256_of', 'strip_weights_info', 'PACKAGE_WEIGHTS_DIR', 'SAFETENSORS_NAME', 'PICKLE_NAME',
 ]
 
@@ -108,51 +108,90 @@ def _sha256_for_source(cfg: Dict[str, Any]) -> Optional[str]:
 
 @dataclass(frozen=True)
 class WeightSource:
-    """One place bytes come from, and the sha256 they must have (None: not recorded)."""
+    """One place bytes come from, and the sha256 they must have (None: not recorded).
 
-    kind: str                        # 'hf-hub' | 'file' | 'url'
+    ``WeightSource(kind, location, filename=None, sha256=None)`` builds the class of ``kind`` in ``SOURCE_KINDS``
+    (``FileSource``, ``HubSource``, ``UrlSource``); each says how its bytes are found (``_local``) and whether they
+    are on this machine (``available_offline``); ``fetch`` checks the sha256 of every kind the same way.
+    """
+
+    kind: str                        # 'hf-hub' | 'file' | 'url': a key of SOURCE_KINDS
     location: str                    # repository id (optionally @revision), path, or URL
     filename: Optional[str] = None   # file inside a repository (default: model.safetensors, then pytorch_model.bin)
     sha256: Optional[str] = None
 
+    downloads = True  # whether fetching writes the bytes (a failed check then deletes them)
+
+    def __new__(cls, kind: Optional[str] = None, *args: Any, **kwargs: Any) -> 'WeightSource':
+        if cls is WeightSource and kind is not None:
+            if kind not in SOURCE_KINDS:
+                raise ValueError(f'unknown weight source kind {kind!r}; known: {", ".join(SOURCE_KINDS)}')
+            cls = SOURCE_KINDS[kind]
+        return object.__new__(cls)
+
     def describe(self) -> str:
-        if self.kind == 'hf-hub':
-            return f'hf-hub:{self.location}' + (f'/{self.filename}' if self.filename else '')
         return self.location
-
-    # -- finding the bytes ---------------------------------------------------------------------------
-    def _hub_names(self) -> List[str]:
-        if self.filename and self.filename.endswith('.safetensors'):  # safetensors first, then a pickle of that name
-            return [self.filename, self.filename[:-len('.safetensors')] + '.bin']
-        return [self.filename] if self.filename else [SAFETENSORS_NAME, PICKLE_NAME]
-
-    def _url_path(self, cache_dir: Optional[PathLike]) -> Path:
-        root = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / 'checkpoints'
-        return root / (os.path.basename(urlparse(self.location).path) or 'checkpoint')
 
     def fetch(self, cache_dir: Optional[PathLike] = None) -> Path:
         """The local path of the bytes (downloading them once when needed), checked against ``sha256``.
 
         A downloaded file that fails the check is deleted; a local file of the user's is reported, not deleted.
         """
-        if self.kind == 'file':
-            path = Path(self.location)
-            if path.is_dir():
-                path = next((path / n for n in (SAFETENSORS_NAME, SHARDED_NAME, PICKLE_NAME) if (path / n).is_file()), path)
-                if path.is_dir():
-                    raise SourceError(f'no {SAFETENSORS_NAME}, {SHARDED_NAME} or {PICKLE_NAME} in {self.location}')
-            if not path.is_file():
-                raise SourceError(f'weight file not found: {path}')
-            self._verify(path, downloaded=False)
-            return path
-        if self.kind == 'hf-hub':
-            path = self._hf_download(cache_dir)
-        else:
-            path = self._url_download(cache_dir)
-        self._verify(path, downloaded=True)
+        path = self._local(cache_dir)
+        self._verify(path, downloaded=self.downloads)
         return path
 
-    def _hf_download(self, cache_dir: Optional[PathLike]) -> Path:
+    def _local(self, cache_dir: Optional[PathLike]) -> Path:
+        raise NotImplementedError
+
+    def available_offline(self, cache_dir: Optional[PathLike] = None) -> bool:
+        """Whether the bytes are on this machine (packaged, local or cached), without fetching anything."""
+        raise NotImplementedError
+
+    def _verify(self, path: Path, downloaded: bool) -> None:
+        if not self.sha256:
+            return
+        got = sha256_of(path)
+        if got == self.sha256:
+            return
+        if downloaded:
+            for p in {path, path.resolve()}:  # a Hugging Face cache entry is a link to a blob: delete both
+                p.unlink(missing_ok=True)
+        raise ChecksumError(f'sha256 mismatch for {self.describe()}: expected {self.sha256}, got {got}'
+                            + ('; the downloaded file was deleted' if downloaded else ''))
+
+
+class FileSource(WeightSource):
+    """A local file, or a folder holding model.safetensors / its shard index / pytorch_model.bin."""
+
+    downloads = False
+
+    def _local(self, cache_dir: Optional[PathLike]) -> Path:
+        path = Path(self.location)
+        if path.is_dir():
+            path = next((path / n for n in (SAFETENSORS_NAME, SHARDED_NAME, PICKLE_NAME) if (path / n).is_file()), path)
+            if path.is_dir():
+                raise SourceError(f'no {SAFETENSORS_NAME}, {SHARDED_NAME} or {PICKLE_NAME} in {self.location}')
+        if not path.is_file():
+            raise SourceError(f'weight file not found: {path}')
+        return path
+
+    def available_offline(self, cache_dir: Optional[PathLike] = None) -> bool:
+        return Path(self.location).exists()
+
+
+class HubSource(WeightSource):
+    """A Hugging Face repository, through huggingface_hub and its cache (``HF_HUB_OFFLINE=1`` works)."""
+
+    def describe(self) -> str:
+        return f'hf-hub:{self.location}' + (f'/{self.filename}' if self.filename else '')
+
+    def _hub_names(self) -> List[str]:
+        if self.filename and self.filename.endswith('.safetensors'):  # safetensors first, then a pickle of that name
+            return [self.filename, self.filename[:-len('.safetensors')] + '.bin']
+        return [self.filename] if self.filename else [SAFETENSORS_NAME, PICKLE_NAME]
+
+    def _local(self, cache_dir: Optional[PathLike]) -> Path:
         from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
         repo, _, revision = self.location.partition('@')
         offline = os.environ.get('HF_HUB_OFFLINE', '0') not in ('0', '', 'false', 'False')
@@ -174,7 +213,20 @@ class WeightSource:
                           + (' (HF_HUB_OFFLINE is set: is it in the cache?)' if offline else ' (no network access?)')
                           + f': {type(last).__name__}: {str(last).splitlines()[0] if str(last) else ""}')
 
-    def _url_download(self, cache_dir: Optional[PathLike]) -> Path:
+    def available_offline(self, cache_dir: Optional[PathLike] = None) -> bool:
+        from huggingface_hub import try_to_load_from_cache
+        repo = self.location.split('@', 1)[0]
+        return any(isinstance(try_to_load_from_cache(repo, n, cache_dir=cache_dir), str) for n in self._hub_names())
+
+
+class UrlSource(WeightSource):
+    """A URL, downloaded once into the torch hub cache (or ``cache_dir``)."""
+
+    def _url_path(self, cache_dir: Optional[PathLike]) -> Path:
+        root = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / 'checkpoints'
+        return root / (os.path.basename(urlparse(self.location).path) or 'checkpoint')
+
+    def _local(self, cache_dir: Optional[PathLike]) -> Path:
         dst = self._url_path(cache_dir)
         if not dst.exists():
             host = urlparse(self.location).hostname
@@ -188,27 +240,12 @@ class WeightSource:
                                   f'{type(e).__name__}: {e}') from None
         return dst
 
-    def _verify(self, path: Path, downloaded: bool) -> None:
-        if not self.sha256:
-            return
-        got = sha256_of(path)
-        if got == self.sha256:
-            return
-        if downloaded:
-            for p in {path, path.resolve()}:  # a Hugging Face cache entry is a link to a blob: delete both
-                p.unlink(missing_ok=True)
-        raise ChecksumError(f'sha256 mismatch for {self.describe()}: expected {self.sha256}, got {got}'
-                            + ('; the downloaded file was deleted' if downloaded else ''))
-
     def available_offline(self, cache_dir: Optional[PathLike] = None) -> bool:
-        """Whether the bytes are on this machine (packaged, local or cached), without fetching anything."""
-        if self.kind == 'file':
-            return Path(self.location).exists()
-        if self.kind == 'url':
-            return self._url_path(cache_dir).is_file()
-        from huggingface_hub import try_to_load_from_cache
-        repo = self.location.split('@', 1)[0]
-        return any(isinstance(try_to_load_from_cache(repo, n, cache_dir=cache_dir), str) for n in self._hub_names())
+        return self._url_path(cache_dir).is_file()
+
+
+# The source kinds: the one table (a new kind is a class here and a row below).
+SOURCE_KINDS: Dict[str, type] = {'file': FileSource, 'hf-hub': HubSource, 'url': UrlSource}
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,7 +9,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ['sincos_pos_embed_2d', 'timestep_frequency_embedding', 'TimestepEmbedder', 'LabelEmbedder']
+__all__ = ['sincos_pos_embed_2d', 'timestep_frequency_embedding', 'sinusoidal_embedding', 'TimestepEmbedder',
+           'LabelEmbedder']
 
 
 def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -62,6 +63,18 @@ def timestep_frequency_embedding(t: torch.Tensor, dim: int = 256, max_period: in
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False, freq_shift: float = 1.0,
+                         max_period: float = 10000.0) -> torch.Tensor:
+    """Ho et al.'s (DDPM UNet) time embedding, sin first (``flip_sin_to_cos``: cos first, diffusers' flag): ``[sin(t f), cos(t f)]``, ``f_i = exp(-ln(P) i / (half - freq_shift))``."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+    args = t.float()[:, None] * torch.exp(exponent)[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
     return emb
 
 

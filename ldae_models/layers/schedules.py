@@ -64,7 +64,6 @@ class NoiseSchedule:
     """
 
     name = 'base'
-    t_meaning = 'a step index'
     default_t: Optional[float] = None   # the t a model conditioned on this schedule should default to (None: the model's)
 
     def __init__(self, num_timesteps: int = 1000) -> None:
@@ -252,7 +251,6 @@ class EDMSchedule(NoiseSchedule):
     and the time input c_noise = ln(sigma) / 4; training sigmas are log-normal (P_mean, P_std)."""
 
     name = 'edm'
-    t_meaning = 'the noise level sigma'
 
     def __init__(self, sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2) -> None:
         self.num_timesteps = 0  # continuous

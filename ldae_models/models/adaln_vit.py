@@ -48,23 +48,23 @@ class MergedViT(FeatureExtractor, VisionTransformer):
     """A timm ``VisionTransformer`` that is an adaLN encoder folded at one timestep ``t``.
 
     Its forward, weights and every timm API are the ViT's; ``vit_args`` rebuilds it with timm alone (``export_timm``);
-    ``extract_features`` answers at ``t`` only. ``noise_ok`` says whether it can add the training noise itself (a
+    ``extract_features`` answers at ``t`` only. ``noise_is_schedule_only`` says whether it can add the training noise itself (a
     DiT's DDPM noise can be; l-DAE's latent noise needs the PCA tokenizer, which stays with the conditional encoder).
     """
 
     fixed_t = True
     fx_traceable = True  # forward is timm's ViT's: torch.fx traces it, TorchScript scripts it
     # plain Python attributes that TorchScript must not try to compile (the encoder contract uses them, forward not)
-    __jit_ignored_attributes__ = ['schedule', 'vit_args', 'input_hint', 'noise_ok', 'pretrained_cfg', 'default_cfg',
+    __jit_ignored_attributes__ = ['schedule', 'vit_args', 'input_hint', 'noise_is_schedule_only', 'pretrained_cfg', 'default_cfg',
                                   '_model_args']
 
-    def __init__(self, vit_args: Dict[str, Any], t: float, schedule: NoiseSchedule, noise_ok: bool,
+    def __init__(self, vit_args: Dict[str, Any], t: float, schedule: NoiseSchedule, noise_is_schedule_only: bool,
                  input_hint: str = '') -> None:
         super().__init__(**vit_args)
         self.vit_args = dict(vit_args)
         self.t = float(t)
         self.schedule = schedule
-        self.noise_ok = noise_ok
+        self.noise_is_schedule_only = noise_is_schedule_only
         self.input_hint = input_hint  # appended to the error for input of the wrong channels (a DiT's: use the VAE)
 
     def encode_input(self, images: torch.Tensor) -> torch.Tensor:
@@ -86,7 +86,7 @@ class MergedViT(FeatureExtractor, VisionTransformer):
 
     def noise_input(self, x: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None,
                     generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        if not self.noise_ok:
+        if not self.noise_is_schedule_only:
             raise ValueError("a merged l-DAE encoder does not carry its PCA tokenizer, so it cannot add l-DAE's "
                              "latent noise: create it with merged=False for noisy input")
         return super().noise_input(x, t, noise=noise, generator=generator)
@@ -372,7 +372,7 @@ class AdaLNViT(FeatureExtractor, nn.Module):
         if eps != {LN_EPS}:
             raise ValueError(f'merge needs LayerNorm eps {LN_EPS} in every block (timm ViT), got {sorted(eps)}')
         with torch.device('meta'):
-            vit = MergedViT(self.vit_args(), t, self.schedule, noise_ok=self.noise_is_schedule_only,
+            vit = MergedViT(self.vit_args(), t, self.schedule, noise_is_schedule_only=self.noise_is_schedule_only,
                             input_hint=self._channel_hint())
         vit = vit.to_empty(device=device)
         vit.pretrained_cfg = vit.default_cfg = dict(getattr(self, 'pretrained_cfg', None) or {})

@@ -33,24 +33,13 @@ from torch.utils.checkpoint import checkpoint
 from timm.models import generate_default_cfgs
 from timm.models._features import FeatureInfo, feature_take_indices
 
+from ..layers.embed import sinusoidal_embedding
 from ..layers.schedules import NoiseSchedule, TimestepLike, create_schedule
 from ._builder import build_model, register_family
 from .extractor import FeatureExtractor
 
 __all__ = ['UNet', 'DDAEUNet', 'unet_diffusers_to_ddae', 'UNET_CONFIGS']
 
-
-
-def sinusoidal_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False, freq_shift: float = 1.0,
-                         max_period: float = 10000.0) -> torch.Tensor:
-    """Ho et al.'s time embedding: ``[sin(t f), cos(t f)]``, ``f_i = exp(-ln(P) i / (half - freq_shift))``."""
-    half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
-    args = t.float()[:, None] * torch.exp(exponent)[None]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
-    if flip_sin_to_cos:
-        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
-    return emb
 
 
 class ResBlock(nn.Module):

@@ -12,7 +12,7 @@ embedding, the label embedding whose row 1000 is the null class, the final layer
 Registered encoders ``dit_{s,b,l,xl}_patch{2,4,8}_{256,512}`` (timm names) run on SD-VAE latents
 (32x32x4 for 256 px images, 64x64x4 for 512 px) and default to the first half of the blocks, t = 121 and the
 null label, merged into a plain timm ViT on latents (``merged=False``: the conditional encoder). Options:
-``depth=`` (number of blocks: block k, 0-based, is ``depth=k + 1``), ``t=``, ``y=``, ``noise=True`` (add DiT's
+``depth=`` (number of blocks: block k, 0-based, is ``depth=k + 1``), ``t=``, ``y=``, ``noisy_input=True`` (add DiT's
 forward-process noise at t to the latent, as DDAE does), ``vae=`` (a diffusers ``AutoencoderKL`` or its hub
 name, so the model takes images in [-1, 1]).
 
@@ -46,7 +46,7 @@ from ._builder import build_model, pretrained_cfg_for, register_family, split_na
 from .adaln_vit import AdaLNViT
 from .wrappers import DiffusionInput
 
-__all__ = ['DiT', 'DiTEncoder', 'create_dit', 'list_dits', 'dit_official_to_diffusers', 'dit_diffusers_to_official',
+__all__ = ['DiT', 'DiTEncoder', 'create_dit', 'dit_official_to_diffusers', 'dit_diffusers_to_official',
            'DIT_CONFIGS', 'DDAE_DIT_PRESET', 'SD_VAE_SCALE']
 
 SD_VAE_SCALE = 0.18215  # latents = vae.encode(x).latent_dist * 0.18215 (LDM / DiT)
@@ -249,7 +249,7 @@ def dit_checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Modu
 
 # -- construction -----------------------------------------------------------------------------------------
 
-def list_dits() -> List[str]:
+def _list_dits() -> List[str]:
     return sorted(DIT_CONFIGS)
 
 
@@ -262,7 +262,7 @@ def create_dit(name: str, pretrained: bool = False, checkpoint: Optional[str] = 
     """
     arch = split_name(name)[0]
     if arch not in DIT_CONFIGS:
-        raise ValueError(f'unknown DiT {name!r}; known: {", ".join(list_dits())}')
+        raise ValueError(f'unknown DiT {name!r}; known: {", ".join(_list_dits())}')
     model = DiT(**{**DIT_CONFIGS[arch], **kwargs})
     if checkpoint or pretrained:
         cfg = dict(file=str(checkpoint)) if checkpoint else pretrained_cfg_for(name)

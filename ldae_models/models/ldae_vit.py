@@ -43,7 +43,7 @@ from ._builder import build_model, pretrained_cfg_for, register_family, split_na
 from .adaln_vit import AdaLNViT, _tokens_to_maps
 from .extractor import FeatureExtractor
 
-__all__ = ['LDAEEncoder', 'LatentDAE', 'create_dae', 'list_daes', 'MODEL_CONFIGS', 'MODEL_ALIASES']
+__all__ = ['LDAEEncoder', 'LatentDAE', 'create_dae', 'MODEL_CONFIGS', 'MODEL_ALIASES']
 
 NOISE_SPACES = ('latent', 'pixel')
 LOSS_WEIGHTS = ('auto', 'none')
@@ -321,11 +321,11 @@ def _variant(name: str) -> str:
     arch = split_name(name)[0]
     arch = MODEL_ALIASES.get(arch, arch)
     if arch not in MODEL_CONFIGS:
-        raise ValueError(f'unknown l-DAE model {name!r}; known: {", ".join(list_daes())}')
+        raise ValueError(f'unknown l-DAE model {name!r}; known: {", ".join(_list_daes())}')
     return arch
 
 
-def list_daes() -> List[str]:
+def _list_daes() -> List[str]:
     """Names accepted by ``create_dae`` (aliases included)."""
     return sorted(MODEL_CONFIGS) + sorted(MODEL_ALIASES)
 
