@@ -5,8 +5,9 @@ Three ways to produce a training batch of the tiny l-DAE (images in [-1, 1], t, 
 - ``legacy``: the path of ldae-models 0.1, kept here as the baseline: a DataLoader over the PNG ImageFolder that
   decodes each image and forks the RNG per sample for its transform, then one ``torch.Generator`` per sample for its t
   and its noise (``draw_t_and_noise`` of 0.1, reproduced below);
-- ``stream``: the new DataLoader path (``in_memory='no'``, for ImageNet-scale folders): the same per-sample decode,
-  but t and noise drawn once per step for the global batch (``train.step_draws``);
+- ``stream``: the streaming path (``in_memory='no'``, for ImageNet-scale folders): ``data.StepBatches`` over the
+  listed split (workers read the files; the batch is decoded by ``data.decode_batch``), t and noise drawn once per
+  step for the global batch (``engine.step_draws``);
 - ``memory``: the new device-resident path: the data set decoded once into a uint8 tensor, batches cut from it,
   ``step_draws`` for t, noise and crops.
 
@@ -24,8 +25,10 @@ from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 
-from ldae_models.data import load_split, normalize
-from ldae_models.train import Batches, DenoisingObjective, TrainConfig, _SeededFolder, build_model, step_draws
+from ldae_models.data import load_split, normalize, open_split
+from ldae_models.data.loader import StepBatches
+from ldae_models.engine import step_draws, step_seed
+from ldae_models.train import DenoisingObjective, TrainConfig, build_model
 
 _MASK = (1 << 63) - 1
 
@@ -48,8 +51,22 @@ def legacy_draw_t_and_noise(seeds: Sequence[int], shape: Tuple[int, ...], num_ti
     return torch.cat(ts), torch.stack(eps)
 
 
-class LegacyFolder(_SeededFolder):
-    """0.1's SeededImageFolder: the transform under a forked RNG per sample, and the sample's seed returned."""
+class LegacyFolder(torch.utils.data.Dataset):
+    """0.1's SeededImageFolder: an ImageFolder, the transform under a forked RNG per sample, the sample's seed
+    returned."""
+
+    def __init__(self, root: str, img_size: int, seed: int) -> None:
+        from pathlib import Path
+        from torchvision import transforms as T
+        from torchvision.datasets import ImageFolder
+        root_p = Path(root)
+        self.folder = ImageFolder(str(root_p / 'train' if (root_p / 'train').is_dir() else root_p))
+        self.transform = T.Compose([T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC),
+                                    T.CenterCrop(img_size), T.PILToTensor()])
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.folder)
 
     def __getitem__(self, key: Tuple[int, int]) -> Tuple[torch.Tensor, int, int]:
         epoch, index = key
@@ -66,7 +83,7 @@ def sources(cfg: TrainConfig, objective: DenoisingObjective, steps: int, data: A
     dev = torch.device('cpu')
 
     def legacy():
-        folder = LegacyFolder(cfg.data_root, 32, 'center', cfg.seed)
+        folder = LegacyFolder(cfg.data_root, 32, cfg.seed)
         keys = [[(0, i) for i in range(s * cfg.batch_size, (s + 1) * cfg.batch_size)] for s in range(steps)]
         loader = torch.utils.data.DataLoader(folder, batch_sampler=keys, num_workers=cfg.workers)
         for images, _, seeds in loader:
@@ -75,9 +92,10 @@ def sources(cfg: TrainConfig, objective: DenoisingObjective, steps: int, data: A
 
     def new(in_memory: bool):
         def gen():
-            folder = None if in_memory else _SeededFolder(cfg.data_root, 32, 'center', cfg.seed)
-            n = len(data) if in_memory else len(folder)
-            for step, offset, images, _ in Batches(cfg, n, 1, 0, 0, steps, data if in_memory else None, folder, dev):
+            source = data if in_memory else open_split('folder', cfg.data_root, 'train')
+            batches = StepBatches(source, 32, cfg.batch_size, 1, 1, 0, 0, steps, lambda e: step_seed(cfg.seed, 1, e),
+                                  dev, cfg.workers)
+            for step, offset, images, _ in batches:
                 x = normalize(images)
                 d = step_draws(cfg, step, objective, x)
                 yield x, d['t'], d['noise']

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from ldae_models import distill as D
 from ldae_models import repfusion as R
 from ldae_models import engine as E
-from ldae_models import train as T
 from ldae_models.cli import main
 from conftest import free_port, killer_script
 

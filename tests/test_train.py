@@ -1,6 +1,5 @@
 """Training on a synthetic ImageFolder on the CPU: the config, both data paths, exact resume, N processes = 1, the
 schedule, precision, the NaN stop, the UNet objective; and the probe command on the result."""
-import dataclasses
 import json
 import os
 import subprocess
