@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from .engine import Objective, RunConfig, process_group, run, undo_on_failure
 from .engine.config import arg
 from .models.extractor import FeatureExtractor
-from .repfusion import KD_LOSSES, POLICIES, POLICY_NETS, TASK_HEADS, MovingBaseline, reinforce_loss
+from .repfusion import KD_LOSSES, POLICIES, POLICY_NETS, TASK_HEADS, MovingBaseline, pool as _pool, reinforce_loss
 
 __all__ = ['DistillConfig', 'Distillation', 'distill', 'load_teacher']
 
@@ -98,17 +98,6 @@ class DistillConfig(RunConfig):
     blr: float = arg(2e-3, 'base lr: lr = blr * batch / 256', min=0)
     warmup_epochs: float = arg(5, 'linear warmup epochs of each stage, then half-cycle cosine to 0', min=0)
     weight_decay: float = arg(0.05, 'weight decay (spares norms, biases and no_weight_decay())', min=0)
-
-
-def _pool(x: torch.Tensor) -> torch.Tensor:
-    """A feature vector per image: the mean over positions of a map (B, C, H, W) or tokens (B, N, C)."""
-    if x.dim() == 4:
-        return x.mean(dim=(-2, -1))
-    if x.dim() == 3:
-        return x.mean(dim=1)
-    if x.dim() == 2:
-        return x
-    raise ValueError(f'cannot pool a feature of shape {tuple(x.shape)}')
 
 
 class Distillation(Objective):

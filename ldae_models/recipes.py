@@ -173,17 +173,23 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
     return best
 
 
+def _resolve(table: Dict[str, Dict[str, Setting]], name: str, what: str, overrides: Dict[str, Any]):
+    """(values, sources) of recipe ``name`` of ``table`` with ``overrides`` on top (their source: "flag")."""
+    if name not in table:
+        raise ValueError(f'unknown recipe {name!r}; {what} are: {", ".join(table)}')
+    values = {k: s.value for k, s in table[name].items()}
+    sources = {k: s.source for k, s in table[name].items()}
+    values.update(overrides)
+    sources.update({k: 'flag' for k in overrides})
+    return values, sources
+
+
 def train_config(name: str, gpu_mem_gb: float = 80.0, world: int = 1, micro_batch: int = 0, **overrides: Any):
     """The ``TrainConfig`` of recipe ``name`` with ``overrides`` (field: value) on top, its micro-batch planned for
     ``world`` GPUs of ``gpu_mem_gb`` GB (unless ``accum_steps`` is overridden). Returns (config, sources): the source
     of every value ("flag" for an override, "plan" for the memory plan)."""
     from .train import TrainConfig
-    if name not in RECIPES:
-        raise ValueError(f'unknown recipe {name!r}; the recipes are: {", ".join(RECIPES)}')
-    values = {k: s.value for k, s in RECIPES[name].items()}
-    sources = {k: s.source for k, s in RECIPES[name].items()}
-    values.update(overrides)
-    sources.update({k: 'flag' for k in overrides})
+    values, sources = _resolve(RECIPES, name, 'the recipes', overrides)
     if 'accum_steps' not in overrides:
         plan = plan_memory(values['model'], values['batch_size'], world, gpu_mem_gb, ema=bool(values.get('ema')),
                            micro_batch=micro_batch)
@@ -200,12 +206,7 @@ def train_config(name: str, gpu_mem_gb: float = 80.0, world: int = 1, micro_batc
 def distill_config(name: str, **overrides: Any):
     """The ``DistillConfig`` of RepFusion recipe ``name`` with ``overrides`` on top. Returns (config, sources)."""
     from .distill import DistillConfig
-    if name not in DISTILL_RECIPES:
-        raise ValueError(f'unknown recipe {name!r}; the distillation recipes are: {", ".join(DISTILL_RECIPES)}')
-    values = {k: s.value for k, s in DISTILL_RECIPES[name].items()}
-    sources = {k: s.source for k, s in DISTILL_RECIPES[name].items()}
-    values.update(overrides)
-    sources.update({k: 'flag' for k in overrides})
+    values, sources = _resolve(DISTILL_RECIPES, name, 'the distillation recipes', overrides)
     return DistillConfig(**values), sources
 
 

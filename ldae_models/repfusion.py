@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ['POLICIES', 'POLICY_NETS', 'TASK_HEADS', 'KD_LOSSES', 'FixedPolicy', 'UniformPolicy', 'LearnedPolicy',
-           'PolicyCNN', 'PolicyLeNet', 'sample', 'reinforce_loss', 'MovingBaseline']
+           'PolicyCNN', 'PolicyLeNet', 'sample', 'reinforce_loss', 'MovingBaseline', 'pool']
 
 
 def sample(logits: torch.Tensor, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -165,7 +165,7 @@ class LearnedPolicy(_Policy):
 POLICIES: Dict[str, type] = {'fixed': FixedPolicy, 'random': UniformPolicy, 'reinforce': LearnedPolicy}
 
 
-# -- the distillation losses -----------------------------------------------------------------------------------------
+# -- the distillation losses, on pooled features -----------------------------------------------------------------------------------------
 
 def _mse_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(F.normalize(a, dim=-1), F.normalize(b, dim=-1))
@@ -177,3 +177,14 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 KD_LOSSES: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     'mse': F.mse_loss, 'mse_norm': _mse_norm, 'l1': F.l1_loss, 'cosine': _cosine}
+
+
+def pool(x: torch.Tensor) -> torch.Tensor:
+    """A feature vector per image: the mean over positions of a map (B, C, H, W) or tokens (B, N, C)."""
+    if x.dim() == 4:
+        return x.mean(dim=(-2, -1))
+    if x.dim() == 3:
+        return x.mean(dim=1)
+    if x.dim() == 2:
+        return x
+    raise ValueError(f'cannot pool a feature of shape {tuple(x.shape)}')

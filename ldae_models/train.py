@@ -23,7 +23,9 @@ import torch.nn as nn
 from .data import ImageData, Split, batches, normalize
 from .engine import Objective, RunConfig, run, step_seed
 from .engine.config import arg
-from .layers.schedules import randn
+from .layers.pca import LATENT_SCALES
+from .layers.schedules import SCHEDULES, TARGETS, randn
+from .models.ldae_vit import NOISE_SPACES
 
 __all__ = ['TrainConfig', 'DenoisingObjective', 'train', 'build_model']
 
@@ -38,17 +40,17 @@ class TrainConfig(RunConfig):
     model: str = arg('ldae_vit_tiny_patch4_32', 'an l-DAE size (ldae_vit_*) or a DDAE UNet (ddae_*)')
     model_args: Dict[str, Any] = arg(None, 'constructor overrides as JSON, e.g. {"depth": 6}', factory=dict)
     target: Optional[str] = arg(None, "l-DAE prediction target (default 'image', the final l-DAE; Tab. 3)",
-                                 choices=('image', 'latent', 'noise'))
+                                 choices=TARGETS)
     noise_space: Optional[str] = arg(None, "where noise is added: 'latent' (l-DAE) or 'pixel' (classical DAE)",
-                                      choices=('latent', 'pixel'))
+                                      choices=NOISE_SPACES)
     schedule: Optional[str] = arg(None, "noise schedule: 'linear_sigma' (final l-DAE), 'single' (one level), "
                                          "'vp_linear' (input-scaled, Tab. 1/3)",
-                                   choices=('linear_sigma', 'single', 'vp_linear'))
+                                   choices=tuple(SCHEDULES))
     sigma_max: Optional[float] = arg(None, 'sigma at the last step of linear_sigma (the paper: sqrt 2); larger '
                                             'hides more of the image at high t', above=0)
     latent_dim: Optional[int] = arg(None, 'd, the PCA components kept as the latent (Tab. 2)', min=1)
     latent_scale: Optional[str] = arg(None, "latent scale (ours): 'global' (one scale), 'whiten' (per component)",
-                                       choices=('global', 'whiten', 'none'))
+                                       choices=LATENT_SCALES)
     residual_weight: Optional[float] = arg(None, 'loss weight of the discarded PCA components (the paper: 0.1)', min=0)
     grad_checkpointing: bool = arg(False, 'recompute activations in backward (l-DAE): less memory, more time')
     # -- PCA tokenizer

@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--layers', type=int, nargs='+', help='layers (default: fast/mae the last, grid all)')
     p.add_argument('--ts', type=float, nargs='+', help='timesteps (default: the model\'s t)')
     p.add_argument('--noisy-input', action='store_true', help="noise the input at t (the paper's \"noisy input\")")
-    p.add_argument('--solver', choices=('lbfgs', 'adam'), default='lbfgs', help='fast/grid (default: %(default)s)')
+    from ..probe import SOLVERS
+    p.add_argument('--solver', choices=SOLVERS, default='lbfgs', help='fast/grid (default: %(default)s)')
     p.add_argument('--weight-decay', type=_at_least(0, float), default=0.0,
                    help="L2 penalty of the probe (default: none, as MAE's probe and probe.linear_probe; a small penalty "
                         'such as 1e-4 makes the optimum unique where the train features are separable)')
