@@ -123,8 +123,11 @@ def test_a_subset_is_chosen_before_decoding(folder, monkeypatch):
     """load_split(limit=) decodes only the subset, and it is the subset ImageData.subset keeps (same images, order)."""
     from ldae_models.data import load_split
     decoded = []
+    from ldae_models.data import loader as L
     original = S.decode_batch
-    monkeypatch.setattr(S, 'decode_batch', lambda items, *a, **k: decoded.append(len(items)) or original(items, *a, **k))
+    counting = lambda items, *a, **k: decoded.append(len(items)) or original(items, *a, **k)  # noqa: E731
+    monkeypatch.setattr(S, 'decode_batch', counting)
+    monkeypatch.setattr(L, 'decode_batch', counting)
     part = load_split('folder', folder, 'train', 16, progress=False, limit=7, seed=3)
     assert sum(decoded) == 7 + 1  # the 7 images, and the first once more to learn the size
     whole = load_split('folder', folder, 'train', 16, progress=False).subset(7, seed=3)

@@ -114,9 +114,9 @@ def decode_batch(items: Sequence[Item], size: Optional[int], device: Union[str, 
             item = torch.frombuffer(bytearray(item), dtype=torch.uint8)
         if item.ndim == 3:  # decoded already
             out[i] = resize_crop(item.to(device, non_blocking=True), size)
-        elif is_jpeg(item):
+        elif is_jpeg(item):  # the bytes stay on the CPU (torchvision's rule); nvJPEG decodes them to the GPU
             jpeg_at.append(i)
-            jpegs.append(item if device.type == 'cpu' else item.to(device, non_blocking=True))
+            jpegs.append(item.cpu())
         else:
             out[i] = decode_pil(item.cpu(), size, names[i]).to(device)
     if jpegs:

@@ -218,17 +218,20 @@ def fits_in_memory(nbytes: int, device: torch.device) -> Tuple[bool, str]:
 
 
 def in_memory_data(split: Split, size: int, device: torch.device, local_rank: int = 0, local_world: int = 1,
-                   barrier: Callable[[], None] = lambda: None, progress: bool = True, key: str = '') -> ImageData:
-    """The split decoded once per machine and moved to ``device``: with several local processes, local process 0
-    decodes into a file under /dev/shm that the others map (``barrier`` waits for it), then it is removed."""
+                   barrier: Callable[[], None] = lambda: None, progress: bool = True, key: str = '',
+                   workers: int = -1) -> ImageData:
+    """The split decoded once per machine (in ``workers`` DataLoader workers) and moved to ``device``: with several
+    local processes, local process 0 decodes into a file under /dev/shm that the others map (``barrier`` waits for
+    it), then it is removed."""
     shm = '/dev/shm'
+    workers = default_workers(1) if workers < 0 else workers  # the others wait: process 0 may use every core
     if local_world == 1 or not os.path.isdir(shm):
-        return split.decode(size, progress=progress and local_rank == 0).to(device)
+        return split.decode(size, progress=progress and local_rank == 0, workers=workers).to(device)
     import hashlib
     tag = hashlib.sha1(repr((key, split.where, len(split), size)).encode()).hexdigest()[:12]
     path = os.path.join(shm, f'ldae-{os.getppid()}-{tag}.u8')  # torchrun's local processes share their parent
     if local_rank == 0:
-        data = split.decode(size, progress=progress, shared_file=path)
+        data = split.decode(size, progress=progress, shared_file=path, workers=workers)
     barrier()
     if local_rank != 0:
         images = torch.from_file(path, shared=True, size=split.nbytes(size), dtype=torch.uint8)
@@ -252,7 +255,7 @@ def training_source(split: Split, size: int, in_memory: str, device: torch.devic
         return split, f'streamed: {why}'
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     local_world = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
-    data = in_memory_data(split, size, device, local_rank, local_world, barrier, progress, key)
+    data = in_memory_data(split, size, device, local_rank, local_world, barrier, progress, key, workers)
     return data, f'in memory: {why}' if fits else 'in memory (--in-memory yes)'
 
 

@@ -136,11 +136,13 @@ class Split:
         return len(self) * 3 * size * size
 
     def decode(self, size: Optional[int], progress: bool = False, shared_file: Optional[str] = None,
-               batch: int = 256) -> ImageData:
-        """Every image decoded once (``decode.decode_batch`` on the CPU, ``batch`` at a time) into one preallocated
-        uint8 tensor (N, 3, size, size); with ``shared_file``, a file-backed tensor (e.g. under /dev/shm) that other
-        processes of the machine map with ``ImageData`` of ``torch.from_file`` instead of decoding again."""
+               batch: int = 256, workers: int = 0) -> ImageData:
+        """Every image decoded once (``decode.decode_batch`` on the CPU, ``batch`` at a time, in ``workers``
+        DataLoader workers: ``loader.stream``) into one preallocated uint8 tensor (N, 3, size, size); with
+        ``shared_file``, a file-backed tensor (e.g. under /dev/shm) that the other processes of the machine map
+        (``loader.in_memory_data``) instead of decoding again."""
         from tqdm.auto import tqdm
+        from .loader import sequential, stream
         n = len(self)
         first = decode_batch([self.item(0)], size, names=[self.name(0)]) if n else None
         side = size or (first.shape[-1] if first is not None else 0)
@@ -150,13 +152,13 @@ class Split:
             images = images.view(n, 3, h, side)
         else:
             images = torch.empty(n, 3, h, side, dtype=torch.uint8)
+        lo = 0
         with tqdm(total=n, desc=f'decoding {self.where}', unit='img', disable=None if progress else True,
                   leave=False) as bar:
-            for lo in range(0, n, batch):
-                hi = min(n, lo + batch)
-                images[lo:hi] = decode_batch([self.item(i) for i in range(lo, hi)], size,
-                                             names=[self.name(i) for i in range(lo, hi)])
-                bar.update(hi - lo)
+            for chunk, _ in stream(self, sequential(n, batch), size, 'cpu', workers, -(-n // batch)):
+                images[lo:lo + len(chunk)] = chunk
+                lo += len(chunk)
+                bar.update(len(chunk))
         return ImageData(images, self.labels.clone(), self.classes)
 
 
@@ -198,11 +200,11 @@ class ArraySplit(Split):
         return torch.from_numpy(np.ascontiguousarray(self.images[j]))
 
     def decode(self, size: Optional[int], progress: bool = False, shared_file: Optional[str] = None,
-               batch: int = 256) -> ImageData:
+               batch: int = 256, workers: int = 0) -> ImageData:
         if shared_file is None and (size is None or tuple(self.images.shape[-2:]) == (size, size)):
             x = self.images if self.index is None else self.images[self.index]
             return ImageData(torch.from_numpy(np.ascontiguousarray(x)), self.labels.clone(), self.classes)
-        return super().decode(size, progress, shared_file, batch)
+        return super().decode(size, progress, shared_file, batch, workers)
 
 
 def open_rgb(path: str):
