@@ -285,7 +285,7 @@ def pixel_features(data: Union[ImageData, Split], max_dim: int = 3072, mean: Seq
     """Raw pixels as features (N, C*H*W), normalised; images larger than ``max_dim`` values are average-pooled to fit
     (32 x 32 x 3 = 3072 for CIFAR-10 is kept as it is). A ``Split`` is streamed, cropped to ``size``."""
     parts = [_pooled_pixels(normalize(images, mean, std), max_dim).cpu()
-             for images, _ in batches(data, sequential(len(data), 4096), size, 'cpu')]
+             for images, _ in batches(data, list(sequential(len(data), 4096)), size, 'cpu')]
     return torch.cat(parts)
 
 

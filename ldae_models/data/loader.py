@@ -130,10 +130,8 @@ class _Batches(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[Sequence[int]]:
         return iter(self.index_batches)
 
-    def __len__(self) -> int:
-        if self.count is None:
-            raise TypeError('a stream of unknown length')
-        return self.count
+    def __len__(self) -> int:  # DataLoader's length (progress bars); a generator of unknown length reports 0
+        return self.count or 0
 
 
 def _ignore_stop(worker_id: int) -> None:
@@ -152,6 +150,8 @@ def stream(split: Split, index_batches: Iterable[Sequence[int]], size: Optional[
     call, on a CPU in the worker. ``count`` (the number of batches, if known) is the loader's length."""
     device = torch.device(device)
     workers = default_workers() if workers < 0 else workers
+    if count is None and hasattr(index_batches, '__len__'):
+        count = len(index_batches)
     decode_in_worker = device.type == 'cpu'
     collate = _Collate(split, size, decode_in_worker)
     if workers == 0:
