@@ -244,13 +244,15 @@ def in_memory_data(split: Split, size: int, device: torch.device, local_rank: in
 
 
 def training_source(split: Split, size: int, in_memory: str, device: torch.device, workers: int = -1,
-                    barrier: Callable[[], None] = lambda: None, progress: bool = True, key: str = ''
-                    ) -> Tuple[Union[ImageData, Split], str]:
+                    barrier: Callable[[], None] = lambda: None, progress: bool = True, key: str = '',
+                    agree: Callable[[bool], bool] = lambda fits: fits) -> Tuple[Union[ImageData, Split], str]:
     """What a training run reads: the split decoded in device memory (``in_memory`` 'yes', or 'auto' when
-    ``fits_in_memory``), else the split itself, streamed. Returns (source, the reason, for the log)."""
+    ``fits_in_memory``; ``agree`` makes every process take the same answer), else the split itself, streamed.
+    Returns (source, the reason, for the log)."""
     if in_memory == 'no':
         return split, 'streamed (--in-memory no)'
     fits, why = fits_in_memory(split.nbytes(size), device)
+    fits = agree(fits)
     if in_memory == 'auto' and not fits:
         return split, f'streamed: {why}'
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))

@@ -216,9 +216,17 @@ class _Run:
         split = open_split(cfg.dataset, cfg.data_root, 'train', download=cfg.download)
         barrier = dist.barrier if self.world > 1 else (lambda: None)
         source, why = training_source(split, img_size, cfg.in_memory, self.device, cfg.workers, barrier,
-                                      progress=self.is_main, key=str(self.out.resolve()))
+                                      progress=self.is_main, key=str(self.out.resolve()), agree=self._all)
         self.log(event='data', images=len(split), how=why)
         return source
+
+    def _all(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every process (one answer for all, so that none waits alone)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item() > 0)
 
     def _resume_or_prepare(self) -> int:
         path = self.out / CKPT_NAME
