@@ -75,9 +75,6 @@ class PolicyCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).float()
 
-    # the sampler every learned policy uses, kept here too for code written against this class
-    sample = staticmethod(sample)
-
 
 class PolicyLeNet(nn.Module):
     """The official ``PolicyNet_Cov`` for 32 px images: LeNet-5's layout, logits over ``bins`` timesteps (the official

@@ -97,7 +97,7 @@ def default_workers(processes_per_machine: Optional[int] = None) -> int:
 
 
 class _Items(torch.utils.data.Dataset):
-    """What a worker does: read image i's stored bytes (no decoding unless ``decode_size`` is given)."""
+    """What a worker reads: image i's stored bytes (or array) and its position; ``_Collate`` decodes or not."""
 
     def __init__(self, split: Split) -> None:
         self.split = split
