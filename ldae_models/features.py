@@ -2,23 +2,27 @@
 
 ``extract_features(model, images, layers, ts)`` asks the encoder contract (``models.extractor``) of any zoo model or
 timm model. ``dataset_features`` runs it over a data set in batches on a device, one forward pass per t per batch,
-with a progress bar; the data set is decoded in memory (``ImageData``) or streamed (a ``data.Split``: host memory
-flat in its size). ``FeatureWriter`` writes the features as safetensors shards while they are extracted (what
+with its progress; the data set is decoded in memory (``ImageData``) or streamed (a ``data.Split``: host memory flat
+in its size). ``FeatureWriter`` writes the features as safetensors shards while they are extracted (what
 ``ldae-models extract`` writes and ``ldae-models probe --features`` reads); ``cached_features`` reads the cells a
-folder holds and extracts only the others.
+folder holds and extracts only the others; ``split_features`` is one split's features by way of a folder.
 """
+import contextlib
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from .data import ImageData, Split, batches, normalize, sequential
+from .data import ImageData, Split, normalize, read_batches, sequential
 from .models.extractor import FeatureDict, LayerSpec, TimestepSpec, as_extractor  # noqa: F401
+from .progress import Progress
 
 __all__ = ['extract_features', 'dataset_features', 'feature_key', 'FeatureWriter', 'save_feature_shards',
-           'load_feature_shards', 'read_feature_index', 'feature_cells', 'cached_features']
+           'load_feature_shards', 'read_feature_index', 'feature_cells', 'cached_features', 'split_features',
+           'setting_difference', 'SETTING_FLAGS']
 
 GridKey = Tuple[int, Optional[float]]  # a (layer, t) cell
 Sink = Callable[[FeatureDict, torch.Tensor], None]  # told each batch's features and labels, in order
@@ -52,6 +56,8 @@ def dataset_features(
         keep: bool = True,
         workers: int = -1,
         fn: Optional[Callable[[torch.Tensor], FeatureDict]] = None,
+        bad: str = 'raise',
+        on_bad: Optional[Callable[[List[str]], None]] = None,
 ) -> FeatureDict:
     """Pooled features of every image of ``data`` at (layers, ts): ``{(layer, t): (N, C)}`` float32 on the host.
 
@@ -60,6 +66,7 @@ def dataset_features(
     on ``device`` (under bf16 autocast on a GPU), the noise of ``noisy_input`` is seeded by ``seed``. Each batch's
     features go to ``sink`` (e.g. a ``FeatureWriter``) as they come; ``keep=False`` keeps none in memory (returns
     ``{}``). ``fn`` replaces the model's extractor (a function of the normalised batch, e.g. raw pixels).
+    ``bad='drop'`` leaves unreadable images out (their labels with them; ``on_bad`` is told their names).
     """
     cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
     mean, std = cfg.get('mean', (0.5,) * 3), cfg.get('std', (0.5,) * 3)
@@ -72,12 +79,12 @@ def dataset_features(
                                                   generator=gen)
     n = len(data)
     out: Dict[Any, torch.Tensor] = {}
-    from tqdm.auto import tqdm
     amp = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
     count = -(-n // batch_size)
     lo = 0
-    with tqdm(total=n, desc=desc, unit='img', disable=None if progress else True, leave=False) as bar:
-        for images, labels in batches(data, sequential(n, batch_size), size, device, workers, count):
+    with Progress(n, desc, enabled=progress) as bar, contextlib.closing(read_batches(
+            data, sequential(n, batch_size), size, device, workers, count, bad, on_bad)) as batches:
+        for images, labels in batches:
             with amp:
                 feats = {k: v.float().cpu() for k, v in fn(normalize(images, mean, std)).items()}
             if sink is not None:
@@ -89,7 +96,7 @@ def dataset_features(
                     out[k][lo:lo + len(v)] = v
             lo += len(images)
             bar.update(len(images))
-    return out
+    return {k: v[:lo] for k, v in out.items()}
 
 
 def feature_cells(model: nn.Module, layers: LayerSpec, ts: TimestepSpec) -> List[Tuple[int, Optional[float]]]:
@@ -115,8 +122,8 @@ def cached_features(folder: Optional[Union[str, Path]], meta: Dict[str, Any], ce
     if index is not None:
         old_meta = {k: v for k, v in index.items() if k not in _INDEX_FIELDS}
         if not _same_meta(old_meta, meta):
-            raise ValueError(f'{folder} holds features of another setting ({old_meta.get("model")}, '
-                             f'{old_meta.get("checkpoint")}): use another --features folder')
+            raise ValueError(f'{folder} holds features of another setting: {setting_difference(old_meta, meta)}; '
+                             f'give the same flags, or another folder')
     fresh: FeatureDict = {}
     labels = None
     if missing:
@@ -150,6 +157,32 @@ def _same_meta(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
     return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
 
 
+# the flag that sets each field of a feature folder's setting (None: not a flag)
+SETTING_FLAGS = {'model': '--model', 'checkpoint': '--checkpoint', 'model_args': '--model-args', 'full': '--full',
+                 'noisy_input': '--noisy-input', 'seed': '--seed', 'dataset': '--dataset', 'max_train': '--max-train',
+                 'max_test': '--max-test', 't_default': '--t', 'split': None}
+
+
+def _shown(field: str, value: Any) -> str:
+    if field in ('max_train', 'max_test') and not value:
+        return 'all images'
+    if isinstance(value, bool):
+        return 'on' if value else 'off'
+    return 'none' if value is None else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def setting_difference(stored: Dict[str, Any], given: Dict[str, Any]) -> str:
+    """The fields in which two feature settings differ, each with its flag and both values, in words."""
+    stored, given = json.loads(json.dumps(stored)), json.loads(json.dumps(given))
+    parts = []
+    for field in sorted(set(stored) | set(given), key=lambda f: list(SETTING_FLAGS).index(f) if f in SETTING_FLAGS
+                        else 99):
+        if stored.get(field) != given.get(field):
+            name = SETTING_FLAGS.get(field) or field
+            parts.append(f'{name} {_shown(field, stored.get(field))} there, {_shown(field, given.get(field))} now')
+    return '; '.join(parts)
+
+
 class FeatureWriter:
     """Add the features of ``cells`` to a feature folder while they are extracted: call it with each batch's
     ``{(layer, t): (B, C)}`` and labels, in order; every ``shard_size`` rows become a safetensors shard (with their
@@ -169,10 +202,8 @@ class FeatureWriter:
         if self.old is not None:
             old_meta = {k: v for k, v in self.old.items() if k not in _INDEX_FIELDS}
             if not _same_meta(old_meta, meta):
-                diff = sorted(k for k in set(old_meta) | set(meta)
-                              if old_meta.get(k) != json.loads(json.dumps(meta.get(k))))
-                raise ValueError(f'{self.out} holds features of another setting (differs in {", ".join(diff)}): use '
-                                 f'another folder')
+                raise ValueError(f'{self.out} holds features of another setting: '
+                                 f'{setting_difference(old_meta, meta)}; give the same flags, or another folder')
             have = {(k['layer'], k['t']) for k in self.old['keys']}
             clash = [k for k in self.cells if k in have]
             if clash:
@@ -280,3 +311,34 @@ def load_feature_shards(path: Union[str, Path], keys: Optional[Sequence[Tuple[in
                 parts.append(f.get_tensor(e['name']))
         feats[key] = torch.cat(parts)
     return feats, _read_labels(path, index), index
+
+
+def split_features(model: nn.Module, open_data: Callable[[], Union[ImageData, Split]], cells: List[GridKey],
+                   folder: Optional[Union[str, Path]], meta: Dict[str, Any], noisy_input: Optional[bool] = None,
+                   batch_size: int = 256, device: Union[str, torch.device] = 'cpu', seed: int = 0, workers: int = -1,
+                   shard_size: int = 50_000, keep: bool = True, log: Callable[[str], None] = print,
+                   progress: bool = True, desc: str = 'features', bad: str = 'raise',
+                   on_bad: Optional[Callable[[List[str]], None]] = None
+                   ) -> Tuple[FeatureDict, Optional[torch.Tensor], float]:
+    """One split's features at ``cells`` by way of a feature ``folder`` (``cached_features``): (features, labels,
+    seconds of extraction). ``open_data`` lists the split only when something must be extracted."""
+    seconds = [0.0]
+
+    def extract(layers: List[int], ts: List[Any], sink: Optional[Sink], keep: bool):
+        data = open_data()
+        log(f'extracting features of {len(data):,} images ({desc}) at blocks {layers}, t {ts} on {device}')
+        t0 = time.time()
+        labels: List[torch.Tensor] = []
+
+        def tee(feats: FeatureDict, y: torch.Tensor) -> None:
+            labels.append(y)
+            if sink is not None:
+                sink(feats, y)
+        feats = dataset_features(model, data, layers=layers, ts=ts, noisy_input=noisy_input, batch_size=batch_size,
+                                 device=device, seed=seed, desc=desc, sink=tee, keep=keep, workers=workers,
+                                 progress=progress, bad=bad, on_bad=on_bad)
+        seconds[0] = time.time() - t0
+        return feats, torch.cat(labels) if labels else data.labels[:0]
+
+    feats, labels = cached_features(folder, meta, cells, extract, log=log, shard_size=shard_size, keep=keep)
+    return feats, labels, seconds[0]

@@ -81,7 +81,8 @@ def plot_grid(results: Dict[GridKey, float], path: str, title: str = 'linear pro
 
 
 def t_histogram_figure(rows: List[Dict[str, Any]], path: Union[str, Path], policy: str) -> None:
-    """RepFusion's share of the chosen t per log interval (rows of ``t_hist`` counts); nothing without matplotlib."""
+    """RepFusion's share of the chosen t in each tenth of the distillation (rows of ``t_hist`` counts, in order);
+    nothing without matplotlib."""
     plt = pyplot(required=False)
     if plt is None or not rows:
         return
@@ -89,8 +90,8 @@ def t_histogram_figure(rows: List[Dict[str, Any]], path: Union[str, Path], polic
     frac = counts / counts.sum(1, keepdim=True).clamp(min=1)
     fig, ax = plt.subplots(figsize=(7, 3.2))
     im = ax.imshow(frac.T.numpy(), aspect='auto', origin='lower', cmap='viridis',
-                   extent=(0, rows[-1]['epoch'], 0, 1))  # each column: the log interval that ends at its epoch
-    ax.set_xlabel('epoch of the distillation')
+                   extent=(0, 1, 0, 1))  # each column: a tenth of the stage
+    ax.set_xlabel('fraction of the distillation')
     ax.set_ylabel('t / T (tenths)')
     ax.set_title(f'RepFusion: share of the chosen t ({policy} policy)')
     fig.colorbar(im, ax=ax, label='share of the images')

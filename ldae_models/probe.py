@@ -1,4 +1,6 @@
-"""Probes of frozen features: the linear probe (fast: features once; MAE's protocol), kNN, the (layer, t) grid, floors.
+"""Probes of frozen features: the linear probe (features once, the convex problem solved to its optimum), kNN, the
+(layer, t) grid, the floors, and the top-1 of a classifier. MAE's augmented protocol is a training job
+(``jobs.linprobe``).
 
 The fast linear probe solves one convex problem: multinomial logistic regression on the features (MAE's head,
 ``BatchNorm1d(affine=False)`` + ``Linear``, is such a model), with an optional L2 penalty (default none, as MAE's
@@ -13,10 +15,10 @@ problem without a penalty but a well-conditioned one:
 both should reach the same objective, and the reference needs thousands of iterations to get there.
 
 ``knn_accuracy`` is the second readout (k = 20, cosine similarity of features centred by the training mean, votes
-weighted by exp(sim / 0.07), as in DINO). ``mae_linear_probe`` is MAE's protocol (frozen encoder, augmented batches
-every epoch, LARS, batch 16384 by accumulation, warmup + cosine). ``floors`` gives the two baselines every table
-reports beside a model: a randomly initialised network of the same shape, and the raw pixels.
+weighted by exp(sim / 0.07), as in DINO). ``floors`` gives the two baselines every table reports beside a model: a
+randomly initialised network of the same shape, and the raw pixels.
 """
+import contextlib
 import json
 import math
 import time
@@ -26,13 +28,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import ImageData, Split, augment, batches, normalize, sequential
-from .features import GridKey, dataset_features, feature_key
+from .data import ImageData, Split, normalize, read_batches, sequential
 from .engine.optim import lr_at  # the one lr schedule of the zoo
+from .features import GridKey, dataset_features, feature_key
 from .models.extractor import FeatureDict, as_extractor
+from .progress import Progress
 
 __all__ = ['LinearProbeHead', 'fit_linear_probe', 'knn_accuracy', 'grid_probe', 'probe_features', 'floors',
-           'mae_linear_probe', 'mae_lars', 'random_counterpart', 'pixel_features', 'check_against_lbfgs', 'SOLVERS']
+           'random_counterpart', 'pixel_features', 'check_against_lbfgs', 'classifier_top1', 'SOLVERS']
 
 SOLVERS = ('lbfgs', 'adam')
 
@@ -284,19 +287,19 @@ def pixel_features(data: Union[ImageData, Split], max_dim: int = 3072, mean: Seq
                    std: Sequence[float] = (0.5,) * 3, size: Optional[int] = None) -> torch.Tensor:
     """Raw pixels as features (N, C*H*W), normalised; images larger than ``max_dim`` values are average-pooled to fit
     (32 x 32 x 3 = 3072 for CIFAR-10 is kept as it is). A ``Split`` is streamed, cropped to ``size``."""
-    parts = [_pooled_pixels(normalize(images, mean, std), max_dim).cpu()
-             for images, _ in batches(data, list(sequential(len(data), 4096)), size, 'cpu')]
-    return torch.cat(parts)
+    with contextlib.closing(read_batches(data, list(sequential(len(data), 4096)), size, 'cpu')) as batches:
+        return torch.cat([_pooled_pixels(normalize(images, mean, std), max_dim) for images, _ in batches])
 
 
 def floors(model: nn.Module, train: Union[ImageData, Split], test: Union[ImageData, Split], layer: int = -1,
            knn: bool = True, batch_size: int = 256, device: Union[str, torch.device] = 'cpu', seed: int = 0,
-           progress: bool = False, log: Any = None, workers: int = -1, **probe_kwargs: Any) -> Dict[str, Dict[str, Any]]:
+           progress: bool = False, log: Any = None, workers: int = -1, bad: str = 'raise', on_bad: Any = None,
+           **probe_kwargs: Any) -> Dict[str, Dict[str, Any]]:
     """The two floors every probe table reports, measured on the same splits with the same probe: a randomly
     initialised network of the model's shape (``random_counterpart``, tapped at the same ``layer``) and the raw pixels
     (``pixel_features``), both from one pass over each split (streamed for a ``Split``). Returns
     ``{'random_same_shape': {...}, 'raw_pixels': {...}}`` with ``top1`` (and ``knn_top1``); ``log`` (a callable) is
-    told each stage."""
+    told each stage; ``bad='drop'`` leaves unreadable images out (with their labels)."""
     log = log or (lambda msg: None)
     rand = random_counterpart(model, seed=seed).to(device)
     ext = as_extractor(rand)
@@ -306,134 +309,48 @@ def floors(model: nn.Module, train: Union[ImageData, Split], test: Union[ImageDa
         return {'random_same_shape': next(iter(f.values())), 'raw_pixels': _pooled_pixels(x, 3072)}
 
     log('floors: a random network of the same shape, and raw pixels')
-    kw = dict(batch_size=batch_size, device=device, progress=progress, fn=both, workers=workers)
-    ftr = dataset_features(rand, train, desc='train floors', **kw)
-    fte = dataset_features(rand, test, desc='test floors', **kw)
+    labels: Dict[str, List[torch.Tensor]] = {'train': [], 'test': []}
+    kw = dict(batch_size=batch_size, device=device, progress=progress, fn=both, workers=workers, bad=bad,
+              on_bad=on_bad)
+    ftr = dataset_features(rand, train, desc='train floors', sink=lambda f, y: labels['train'].append(y), **kw)
+    fte = dataset_features(rand, test, desc='test floors', sink=lambda f, y: labels['test'].append(y), **kw)
+    ytr, yte = torch.cat(labels['train']), torch.cat(labels['test'])
     out = {}
     for name, info in (('random_same_shape', dict(model=type(rand).__name__)),
                        ('raw_pixels', dict(dim=ftr['raw_pixels'].shape[1]))):
-        cell = probe_features({name: ftr[name]}, train.labels, {name: fte[name]}, test.labels, device=device,
+        cell = probe_features({name: ftr[name]}, ytr, {name: fte[name]}, yte, device=device,
                               seed=seed, knn=knn, **probe_kwargs)[name]
         out[name] = dict(info, **cell)
     return out
 
 
-# -- MAE's protocol --------------------------------------------------------------------------------------------------
+# -- a classifier ---------------------------------------------------------------------------------------------------
 
-def mae_lars(head: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """MAE's LARS for its linear probe (``util/lars.py``): momentum 0.9, no weight decay, trust coefficient 0.001, the
-    trust ratio applied to the weight matrices only; 1-D parameters (biases, norms) take plain momentum steps."""
-    from timm.optim import Lars
-    matrices = [p for p in head.parameters() if p.ndim > 1]
-    others = [p for p in head.parameters() if p.ndim <= 1]
-    groups = [dict(params=matrices, always_adapt=True)] + ([dict(params=others, always_adapt=False)] if others else [])
-    return Lars(groups, lr=lr, momentum=0.9, weight_decay=0.0, trust_coeff=0.001)
-
-
-def mae_linear_probe(
-        model: nn.Module,
-        train: Union[ImageData, Split],
-        test: Union[ImageData, Split],
-        layer: int = -1,
-        t: Optional[float] = None,
-        noisy_input: Optional[bool] = None,
-        epochs: int = 90,
-        warmup_epochs: int = 10,
-        batch_size: int = 16384,
-        micro_batch: int = 1024,
-        blr: float = 0.1,
-        device: Union[str, torch.device] = 'cpu',
-        seed: int = 0,
-        progress: bool = False,
-        rank: int = 0,
-        world: int = 1,
-        workers: int = -1,
-) -> Dict[str, Any]:
-    """MAE's linear probe (``main_linprobe.py``): frozen encoder, a random resized crop (scale 0.08-1) and flip of
-    every image every epoch, the BatchNorm + Linear head trained by LARS (momentum 0.9, trust 0.001, no weight decay)
-    with lr = blr x batch / 256, ``warmup_epochs`` of linear warmup then cosine; a batch of ``batch_size`` images is
-    accumulated from ``micro_batch`` ones when it does not fit; the test images are evaluated as they are.
-
-    ``train`` / ``test`` are decoded (``ImageData``) or streamed (a ``data.Split``: ImageNet-size, host memory flat).
-    Under torchrun (``world`` > 1, a process group up) each of the ``world`` processes takes its share of every global
-    batch (``batch_size`` / ``world``, split into micro-batches), the head's gradients are averaged
-    (DistributedDataParallel, BatchNorm per process as in MAE) and the test images are shared out; the crops of a
-    global batch are drawn once from the step's seed, so each image gets the crop it would get in one process.
-    """
-    from tqdm.auto import tqdm
-    if batch_size % (micro_batch * world):
-        raise ValueError(f'batch_size {batch_size} must be a multiple of micro_batch x processes '
-                         f'({micro_batch} x {world})')
+@torch.no_grad()
+def classifier_top1(model: nn.Module, data: Union[ImageData, Split], img_size: int,
+                    device: Union[str, torch.device] = 'cpu', mean: Sequence[float] = (0.5,) * 3,
+                    std: Sequence[float] = (0.5,) * 3, rank: int = 0, world: int = 1, workers: int = -1,
+                    progress: bool = False, batch_size: int = 256) -> float:
+    """Top-1 (%) of a classifier of normalised images on ``data`` (center squares of ``img_size``), under bf16
+    autocast on a GPU; with ``world`` processes each takes its share and the counts are summed."""
     device = torch.device(device)
-    extractor = as_extractor(model)
-    cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
-    mean, std = cfg.get('mean', (0.5,) * 3), cfg.get('std', (0.5,) * 3)
-    size = int(cfg['input_size'][-1]) if 'input_size' in cfg else None
-    gen = torch.Generator(device).manual_seed(seed + 7919 * rank)  # the noise of noisy_input, per process
-    feat = lambda x: extractor.extract_features(x, layers=[layer], ts=[t], noisy_input=noisy_input,  # noqa: E731
-                                                generator=gen)[(layer, extractor.resolve_ts([t])[0])]
-    num_classes = int(max(train.labels.max(), test.labels.max()).item()) + 1
-    first, _ = next(batches(train, [[0, 1]], size, device, 0))
-    with torch.no_grad():
-        dim = feat(normalize(first, mean, std)).shape[1]
-    torch.manual_seed(seed)
-    head = LinearProbeHead(dim, num_classes).to(device)
-    net: nn.Module = head
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(head, device_ids=[device.index] if device.type == 'cuda' else None)
-    lr = blr * batch_size / 256
-    opt = mae_lars(head, lr)
-    part = batch_size // world
-    accum = part // micro_batch
-    steps_per_epoch = max(1, len(train) // batch_size)  # full batches only (MAE drops the last)
-    total, warm = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
-
-    def positions():  # this process's micro-batches, epoch after epoch (one seeded permutation per epoch)
-        for epoch in range(epochs):
-            perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-            for s in range(steps_per_epoch):
-                for a in range(accum):
-                    lo = s * batch_size + rank * part + a * micro_batch
-                    yield perm[lo:lo + micro_batch]
-
-    bar = tqdm(total=total, desc='MAE linear probe', unit='step', disable=None if progress and rank == 0 else True,
-               leave=False)
-    head.train()
-    stream = batches(train, positions(), size, device, workers, total * accum)
-    for step in range(total):
-        cur = lr_at(step, total, warm, lr)  # MAE's: linear warmup, then half-cycle cosine
-        for group in opt.param_groups:
-            group['lr'] = cur
-        opt.zero_grad(set_to_none=True)
-        crops = torch.rand(batch_size, 5, generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
-        for a in range(accum):
-            images, labels = next(stream)
-            lo = rank * part + a * micro_batch
-            x = augment(normalize(images, mean, std), 'rrc', scale=(0.08, 1.0), u=crops[lo:lo + len(images)])
-            with torch.no_grad():
-                f = feat(x)
-            sync = a == accum - 1
-            with net.no_sync() if (world > 1 and not sync) else _nullcontext():
-                (F.cross_entropy(net(f), labels) / accum).backward()
-        opt.step()
-        bar.update(1)
-    bar.close()
-    head.eval()
+    was = model.training
+    model.eval()
     counts = torch.zeros(2, dtype=torch.float64, device=device)
-    with torch.no_grad():
-        for images, labels in batches(test, sequential(len(test), micro_batch, rank, world), size, device, workers):
-            counts[0] += (head(feat(normalize(images, mean, std))).argmax(1) == labels).sum()
+    amp = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
+    with Progress(len(data), 'test', enabled=progress) as bar, contextlib.closing(read_batches(
+            data, sequential(len(data), batch_size, rank, world), img_size, device, workers)) as batches:
+        for images, labels in batches:
+            with amp:
+                logits = model(normalize(images, mean, std))
+            counts[0] += (logits.argmax(1) == labels).sum()
             counts[1] += len(labels)
+            bar.update(len(labels) * world)
     if world > 1:
         import torch.distributed as dist
         dist.all_reduce(counts)
-    return dict(top1=100.0 * counts[0].item() / max(1.0, counts[1].item()), epochs=epochs, steps=total,
-                batch_size=batch_size, lr=lr, processes=world)
-
-
-def _nullcontext():
-    import contextlib
-    return contextlib.nullcontext()
+    model.train(was)
+    return 100.0 * counts[0].item() / max(1.0, counts[1].item())
 
 
 # -- reporting --------------------------------------------------------------------------------------------------------

@@ -80,6 +80,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+TINY_MODEL_ARGS = dict(img_size=16, embed_dim=32, depth=2, num_heads=2, latent_dim=6)
+
+
+def tiny_config(folder, out, **fields):
+    """The in-process tier's TrainConfig: the tiny l-DAE on the synthetic folder (40 images, 5 steps an epoch)."""
+    from ldae_models.jobs.pretrain import TrainConfig
+    base = dict(data_root=str(folder), out=str(out), model_args=dict(TINY_MODEL_ARGS), batch_size=8, epochs=2,
+                warmup_epochs=1, workers=0, log_every=1, ckpt_every=2, ema=0.9, pca_images=40, quiet=True)
+    return TrainConfig(**{**base, **fields})
+
+
+class Killed(BaseException):
+    """Raised in-process right after a chosen checkpoint: a run that dies there (what a SIGKILL leaves)."""
+
+
+def kill_after_saves(monkeypatch, n: int) -> None:
+    """Make the n-th checkpoint written be the run's last act (in-process: ``Killed`` right after it)."""
+    import ldae_models.engine.checkpoint as C
+    orig, count = C.save_checkpoint, [0]
+
+    def save_then_die(path, state):
+        orig(path, state)
+        count[0] += 1
+        if count[0] == n:
+            raise Killed(f'after checkpoint {n}')
+    monkeypatch.setattr(C, 'save_checkpoint', save_then_die)
+
+
+def same_files(a, b, *names) -> None:
+    """The safetensors files ``names`` of two run folders hold equal tensors (bit for bit)."""
+    from safetensors.torch import load_file
+    for name in names:
+        x, y = load_file(str(Path(a) / name)), load_file(str(Path(b) / name))
+        assert x.keys() == y.keys(), name
+        for k in x:
+            assert torch.equal(x[k], y[k]), (name, k, (x[k].float() - y[k].float()).abs().max().item())
+
+
 def killer_script(command: str) -> str:
     """``python -c`` source that runs ``ldae-models COMMAND ARGS`` and SIGKILLs itself right after the checkpoint
     number ``$KILL_AFTER_SAVES`` is written (a hard kill, to test exact resume)."""

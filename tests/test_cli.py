@@ -11,7 +11,8 @@ from ldae_models.cli import build_parser, main
 from conftest import randomize_, rel_err, smooth_images
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ['features', 'denoise', 'demo', 'train', 'distill', 'extract', 'probe', 'list', 'info', 'convert', 'export']
+COMMANDS = ['features', 'denoise', 'demo', 'train', 'distill', 'extract', 'probe', 'linprobe', 'check-data', 'pack',
+            'list', 'info', 'convert', 'export']
 
 
 @pytest.mark.parametrize('cmd', COMMANDS)
@@ -56,18 +57,22 @@ def test_python_m_and_the_console_script_entry_point():
     (['distill', '--data-root', '/tmp', '--out', '/tmp/x', '--batch-size', '0'], '--batch-size must be >= 1, got 0'),
     (['distill', '--data-root', '/tmp', '--out', '/tmp/x', '--student', 'resnet_nope'],
      "unknown student model 'resnet_nope': timm has no such model (did you mean"),
-    (['probe', '--model', 'ldae_vit_tiny_patch4_32', '--mode', 'mae', '--batch-size', '0'],
-     'argument --batch-size: must be >= 1, got 0'),
+    (['linprobe', '--model', 'ldae_vit_tiny_patch4_32', '--data-root', '/tmp', '--out', '/tmp/x', '--batch-size', '0'],
+     '--batch-size must be >= 1, got 0'),
+    (['probe', '--model', 'ldae_vit_tiny_patch4_32', '--data-root', '/nonexistent'],
+     '--data-root /nonexistent does not exist (--dataset folder reads an ImageFolder'),
     (['probe', '--model', 'ldae_vit_tiny_patch4_32', '--batch-size-features', '0'],
      'argument --batch-size-features: must be >= 1, got 0'),
-    (['extract', '--model', 'ldae_vit_tiny_patch4_32', '--data-root', '/nonexistent', '--out', '/tmp/x', '--ts', '-1'],
+    (['extract', '--model', 'ldae_vit_tiny_patch4_32', '--data-root', '{folder}', '--out', '{tmp}/x', '--ts', '-1'],
      't must be in [0, 1000)'),
-    (['probe', '--model', 'ldae_vit_tiny_patch4_32', '--data-root', '/nonexistent', '--mode', 'grid', '--ts', '5000'],
+    (['probe', '--model', 'ldae_vit_tiny_patch4_32', '--data-root', '{folder}', '--mode', 'grid', '--ts', '5000'],
      't must be in [0, 1000)'),
-    (['probe', '--model', 'ldae_vit_tiny_patch4_32', '--data-root', '/nonexistent', '--layers', '12'],
+    (['probe', '--model', 'ldae_vit_tiny_patch4_32', '--data-root', '{folder}', '--layers', '12'],
      'layer 12 is out of range'),
+    (['pack', '--data-root', '{folder}', '--out', '{tmp}/x.zip'], 'the file must end in .npz'),
 ])
-def test_user_mistakes_get_one_line_and_status_2(argv, message, capsys):
+def test_user_mistakes_get_one_line_and_status_2(argv, message, capsys, folder, tmp_path):
+    argv = [a.replace('{folder}', str(folder)).replace('{tmp}', str(tmp_path)) for a in argv]
     try:
         assert main(argv) == 2
     except SystemExit as e:  # argparse's own refusal of a flag's value: usage and one line, status 2

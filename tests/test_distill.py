@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldae_models import distill as D
-from ldae_models import repfusion as R
 from ldae_models import engine as E
 from ldae_models.cli import main
-from conftest import free_port, killer_script
+from ldae_models.jobs import repfusion as D
+from ldae_models.jobs.repfusion import parts as R
+from conftest import Killed, free_port, kill_after_saves
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER_ARGS = json.dumps(dict(img_size=16, embed_dim=32, depth=2, num_heads=2, latent_dim=6))
@@ -73,9 +73,11 @@ def test_distillation_loss_falls_and_the_student_loads_in_plain_timm(folder, tea
     kd = [r['kd'] for r in records(out / 'distill' / 'log.jsonl')]
     assert len(kd) == 20 and sum(kd[-3:]) < 0.85 * sum(kd[:3]), kd  # 0.90 -> 0.66 when written
     hist = json.loads((out / 't_histogram.json').read_text())['rows']
-    assert all(sum(r['t_hist']) == 8 and r['t_hist'][0] == 8 for r in hist)  # fixed t = 10: the first tenth
+    assert len(hist) == 10 and all(r['t_hist'] == [16] + [0] * 9 for r in hist)  # 2 steps a tenth; t = 10: the first bin
     ce = [r['loss'] for r in records(out / 'task' / 'log.jsonl')]
     assert len(ce) == 5 and all(v > 0 for v in ce)
+    result = json.loads((out / 'results.json').read_text())  # the number RepFusion is run for: the student's top-1
+    assert 0 <= result['student_top1'] <= 100
     # the exported student, in a process that never imports ldae_models, gives the outputs of the trained weights
     import timm
     state = {k.split('student.', 1)[1]: v for k, v in load_file(str(out / 'task' / 'model.safetensors')).items()
@@ -125,32 +127,47 @@ def test_scratch_baseline_needs_no_teacher(folder, tmp_path):
     assert not (out / 'distill').exists() and (out / 'student' / 'model.safetensors').is_file()
 
 
-_KILLER = killer_script('distill')
 # bf16 forced as well as off: exactness must hold in both precisions. A ResNet-18 with one block per stage keeps the
 # bf16 case small on CPUs that emulate bf16, and still has the convolution of its last stage on a 1x1 map (16 px
 # images), where oneDNN's bf16 weight gradient leaves entries unwritten unless the loop runs it in float32.
-SMALL_RESNET = ('--student-args', json.dumps(dict(layers=[1, 1, 1, 1])))
+SMALL_RESNET = dict(layers=[1, 1, 1, 1])
+
+
+def config(folder, teacher, out, **fields):
+    base = dict(data_root=str(folder), out=str(out), teacher=teacher, student='resnet18', batch_size=8, epochs=2,
+                task_epochs=1, warmup_epochs=0.5, workers=0, log_every=1, ckpt_every=2, t_bins=20, quiet=True)
+    return D.DistillConfig(**{**base, **fields})
 
 
 @pytest.mark.parametrize('amp', ['off', 'bf16'])
-def test_a_killed_distillation_resumes_exactly(folder, teacher, tmp_path, amp):
-    def go(out, *extra, env=None):
-        cmd = [sys.executable, '-c', _KILLER] if env else [sys.executable, '-m', 'ldae_models', 'distill']
-        return subprocess.run(cmd + args(folder, teacher, out, '--policy', 'reinforce', '--amp', amp, *SMALL_RESNET,
-                                         *extra), capture_output=True, text=True, cwd=REPO,
-                              env={**os.environ, **(env or {})})
-    full = go(tmp_path / 'full')
-    assert full.returncode == 0, full.stderr
-    cut = go(tmp_path / 'cut', env={'KILL_AFTER_SAVES': '2'})  # killed in stage 1, after step 4 of 10
-    assert cut.returncode == -9
+def test_a_distillation_that_dies_resumes_exactly(folder, teacher, tmp_path, monkeypatch, amp):
+    kw = dict(policy='reinforce', amp=amp, student_args=SMALL_RESNET)
+    D.distill(config(folder, teacher, tmp_path / 'full', **kw))
+    with monkeypatch.context() as m:
+        kill_after_saves(m, 2)  # in stage 1, after step 4 of 10
+        with pytest.raises(Killed):
+            D.distill(config(folder, teacher, tmp_path / 'cut', **kw))
     assert torch.load(tmp_path / 'cut' / 'distill' / E.CKPT_NAME, weights_only=True)['step'] == 4
-    resumed = go(tmp_path / 'cut', '--resume')
-    assert resumed.returncode == 0, resumed.stderr
+    D.distill(config(folder, teacher, tmp_path / 'cut', resume=True, **kw))
     for stage in ('distill', 'task'):
         a = load_file(str(tmp_path / 'full' / stage / 'model.safetensors'))
         b = load_file(str(tmp_path / 'cut' / stage / 'model.safetensors'))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
     assert 'baseline.value' in load_file(str(tmp_path / 'cut' / 'distill' / 'model.safetensors'))
+    h = [json.loads((tmp_path / run / 't_histogram.json').read_text()) for run in ('full', 'cut')]
+    assert h[0] == h[1] and sum(sum(r['t_hist']) for r in h[0]['rows']) == 80  # 10 steps x 8 images, resumed too
+
+
+def test_the_student_is_reported_beside_the_same_student_from_scratch(folder, teacher, tmp_path, capsys):
+    out = tmp_path / 'both'
+    assert main(['distill', *args(folder, teacher, out, '--policy', 'fixed', '--epochs', '1', '--scratch-baseline',
+                                  '--student-args', json.dumps(SMALL_RESNET))]) == 0
+    result = json.loads((out / 'results.json').read_text())
+    assert 0 <= result['student_top1'] <= 100 and 0 <= result['scratch_top1'] <= 100
+    assert (out / 'scratch' / 'task' / 'model.safetensors').is_file() or (out / 'scratch' / 'model.safetensors').is_file()
+    captured = capsys.readouterr()
+    assert '"event": "test", "model": "the student"' in captured.out
+    assert 'the same student from scratch' in captured.out and 'test top-1' in captured.err
 
 
 @pytest.mark.parametrize('amp', ['off', pytest.param('bf16', marks=pytest.mark.slow)])  # bf16: a bound, not exactness
@@ -183,6 +200,8 @@ def test_two_processes_equal_one(folder, teacher, tmp_path, amp):
         a = load_file(str(tmp_path / 'one' / stage / 'model.safetensors'))
         b = load_file(str(tmp_path / 'two' / stage / 'model.safetensors'))
         assert a.keys() == b.keys()
+        if 't_log.counts' in a:  # the counts of the chosen t: process 0's share of each batch under torchrun
+            assert a.pop('t_log.counts').sum() == 2 * b.pop('t_log.counts').sum()
         for k in a:
             x, y = a[k], b[k]
             if k.endswith('attn.qkv.bias'):
@@ -283,10 +302,8 @@ def test_the_mid_block_tap_matches_a_hook_on_diffusers_unet(tmp_path):
     with torch.no_grad():
         ref(x, t)
     expected = seen[0].mean(dim=(-2, -1))
-    d = D.Distillation(D.DistillConfig(teacher='ddae_ddpm_cifar10_32', teacher_module='mid.1.res.conv2',
-                                       teacher_input='clean', policy='random', t_bins=10), 'distill', teacher, 32)
-    d._check_teacher()
-    got = d.teacher_features(x, t, None)
+    tap = D.Teacher(teacher, 'ddae_ddpm_cifar10_32', module='mid.1.res.conv2', clean_input=True, t_bins=10)
+    got = tap(x, t, None)
     assert got.shape == (3, 64) and torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -298,17 +315,17 @@ def test_a_bare_teacher_name_without_weights_is_refused_naming_the_tag(folder, t
     assert not (tmp_path / 'o').exists()
 
 
-def test_a_stage_2_student_of_another_shape_fails_with_the_hubs_mismatch_error(folder, teacher, tmp_path):
+def test_a_stage_2_student_of_another_shape_fails_with_the_hubs_mismatch_error(tmp_path):
+    """Stage 2 starts from stage 1's parts in memory, loaded strictly: another student shape is named key by key."""
+    import torch.nn as nn
     from ldae_models.hub import CheckpointMismatchError
-    out = tmp_path / 's1'
-    assert main(['distill', *args(folder, teacher, out, '--policy', 'fixed', '--task-epochs', '0',
-                                  '--epochs', '1')]) == 0
-    cfg = D.DistillConfig(teacher=teacher, student='resnet18', student_args=dict(layers=[1, 1, 1, 1]),
-                          policy='fixed', task_kd_weight=0.0)
-    stage2 = D.Distillation(cfg, 'task', None, 16, previous=out / 'distill')
+    cfg = D.DistillConfig(student='resnet18', student_args=dict(layers=[1, 1, 1, 1]), policy='fixed',
+                          task_kd_weight=0.0)
+    first = nn.ModuleDict(dict(student=__import__('timm').create_model('resnet18', num_classes=2)))
     with pytest.raises(CheckpointMismatchError, match=r'(?s)\(student\) does not fit.*unexpected keys: layer1\.1'):
-        stage2.build(2)
-    D.Distillation(dataclasses.replace(cfg, student_args={}), 'task', None, 16, previous=out / 'distill').build(2)
+        D.Distillation(cfg, 'task', None, 16, 2, first, tmp_path, last=True)
+    same = D.Distillation(dataclasses.replace(cfg, student_args={}), 'task', None, 16, 2, first, tmp_path, last=True)
+    assert all(torch.equal(v, first['student'].state_dict()[k]) for k, v in same.parts['student'].state_dict().items())
 
 
 def test_the_kd_losses_and_the_official_recipe():
@@ -317,8 +334,9 @@ def test_the_kd_losses_and_the_official_recipe():
     assert torch.allclose(R.KD_LOSSES['l1'](a, b), (a - b).abs().mean())
     assert torch.allclose(R.KD_LOSSES['cosine'](a, 3 * a), torch.zeros(()), atol=1e-6)
     assert torch.allclose(R.KD_LOSSES['mse_norm'](a, 2 * a), torch.zeros(()), atol=1e-7)
-    from ldae_models.recipes import DISTILL_RECIPES, distill_config
-    cfg, sources = distill_config('repfusion_cifar10', data_root='d', out='o', epochs=3)
+    from ldae_models.jobs.recipes import DISTILL_RECIPES, distill_config
+    cfg = distill_config('repfusion_cifar10', data_root='d', out='o', epochs=3)
+    sources = cfg.provenance
     assert (cfg.teacher, cfg.teacher_module, cfg.teacher_input, cfg.student) == (
         'ddae_ddpm_cifar10_32.google', 'mid.1.res.conv2', 'clean', 'resnet18_cifar')
     assert (cfg.opt, cfg.lr, cfg.lr_milestones, cfg.ema, cfg.task_epochs, cfg.aug) == (

@@ -1,15 +1,13 @@
-"""Probes: the fast linear probe reaches the optimum (against an L-BFGS reference), kNN, floors, MAE's protocol."""
-import inspect
-
+"""Probes: the fast linear probe reaches the optimum (against an L-BFGS reference), kNN, floors; MAE's protocol as a
+run of the engine (``ldae-models linprobe``), resumed exactly."""
 import pytest
 import timm
 import torch
 
 import ldae_models
 from ldae_models.data import ImageData
-from ldae_models.probe import (check_against_lbfgs, fit_linear_probe, knn_accuracy, mae_linear_probe, pixel_features,
-                               random_counterpart)
-from conftest import TINY, randomize_, smooth_images
+from ldae_models.probe import check_against_lbfgs, fit_linear_probe, knn_accuracy, pixel_features, random_counterpart
+from conftest import TINY, Killed, kill_after_saves, randomize_, smooth_images
 
 
 def ill_conditioned(n=3000, d=24, classes=4, seed=0, lo=-1.5, hi=1.5):
@@ -74,55 +72,76 @@ def test_floors():
     assert torch.allclose(pixel_features(small), (small.images.float() / 255 * 2 - 1).flatten(1))
 
 
-def test_mae_protocol_is_maes(monkeypatch):
-    defaults = {k: v.default for k, v in inspect.signature(mae_linear_probe).parameters.items()}
-    assert (defaults['epochs'], defaults['warmup_epochs'], defaults['batch_size'], defaults['blr']) == (90, 10, 16384, 0.1)
-    import timm.optim
-    made = {}
-    real = timm.optim.Lars
-
-    def spy(params, **kw):
-        made.update(kw, groups=params)
-        return real(params, **kw)
-
-    monkeypatch.setattr(timm.optim, 'Lars', spy)
+def trained_encoder_folder(tmp_path):
+    """A tiny l-DAE encoder with a fitted tokenizer and random weights, as a local-dir: folder."""
+    from ldae_models.hub.publish import save_pretrained
     torch.manual_seed(0)
-    dae = ldae_models.LatentDAE(**TINY)
+    dae = ldae_models.create_dae('ldae_vit_tiny_patch4_32', **TINY)
     dae.fit_tokenizer([smooth_images(8, seed=s) for s in range(3)])
     randomize_(dae, seed=2)
-    enc = dae.encoder.eval()
-    calls = []
-    original = enc.noise_input
-    monkeypatch.setattr(enc, 'noise_input', lambda *a, **k: calls.append(1) or original(*a, **k))
-    images = ((smooth_images(32, seed=5) + 1) * 127.5).round().to(torch.uint8)
-    data = ImageData(images, torch.arange(32) % 2, ('a', 'b'))
+    enc = timm.create_model('ldae_vit_tiny_patch4_32', merged=False, **TINY)
+    enc.load_state_dict(dae.encoder.state_dict())
+    return save_pretrained(enc, tmp_path / 'enc')
+
+
+def test_mae_protocol_is_maes_and_runs_on_the_engine(folder, tmp_path, monkeypatch):
+    from ldae_models.jobs.linprobe import LinProbeConfig, linprobe
+    cfg = LinProbeConfig()
+    assert (cfg.epochs, cfg.warmup_epochs, cfg.batch_size, cfg.blr, cfg.opt, cfg.aug, cfg.rrc_scale,
+            cfg.weight_decay) == (90, 10, 16384, 0.1, 'lars', 'rrc', [0.08, 1.0], 0.0)
+    import ldae_models.engine.loop as L
+    made = []
+    real = L.build_optimizer
+    monkeypatch.setattr(L, 'build_optimizer', lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    enc = f'local-dir:{trained_encoder_folder(tmp_path)}'
     for noisy in (False, True):
-        calls.clear()
-        r = mae_linear_probe(enc, data, data, epochs=2, warmup_epochs=1, batch_size=16, micro_batch=8,
-                             noisy_input=noisy)
+        r = linprobe(LinProbeConfig(model=enc, data_root=str(folder), out=str(tmp_path / f'lp{noisy}'), epochs=2,
+                                    warmup_epochs=1, batch_size=16, accum_steps=2, noisy_input=noisy, workers=0,
+                                    quiet=True))
         assert 0 <= r['top1'] <= 100 and r['steps'] == 4 and r['lr'] == pytest.approx(0.1 * 16 / 256)
-        assert (len(calls) > 0) == noisy  # the noisy-input flag reaches the encoder (it used to be ignored)
-    assert made['trust_coeff'] == 0.001 and made['weight_decay'] == 0.0
+        assert r['n_test'] == 16 and (tmp_path / f'lp{noisy}' / 'head.safetensors').is_file()
+    opt = made[-1]
+    assert type(opt).__name__ == 'Lars' and opt.defaults['trust_coeff'] == 0.001 and opt.defaults['momentum'] == 0.9
     # MAE's LARS adapts the weight matrix; the bias (1-D) is left alone (util/lars.py: p.ndim > 1)
-    assert [(g['always_adapt'], [p.ndim for p in g['params']]) for g in made['groups']] == [(True, [2]), (False, [1])]
+    assert sorted((g['always_adapt'], g['weight_decay'], tuple(p.ndim for p in g['params']))
+                  for g in opt.param_groups) == [(False, 0.0, (1,)), (True, 0.0, (2,))]
 
 
-def test_mae_lars_adapts_the_weight_matrix_only():
+def test_lars_adapts_the_weight_matrix_only():
     """MAE's util/lars.py: the trust ratio on matrices; biases (1-D) take plain momentum steps."""
-    from ldae_models.probe import LinearProbeHead, mae_lars
+    from ldae_models.engine import build_optimizer
+    from ldae_models.jobs.linprobe import LinProbeConfig
+    from ldae_models.probe import LinearProbeHead
     torch.manual_seed(0)
     head = LinearProbeHead(8, 3)
     with torch.no_grad():
         head.fc.weight.normal_()
         head.fc.bias.normal_()
     w0, b0 = head.fc.weight.clone(), head.fc.bias.clone()
-    opt = mae_lars(head, lr=0.5)
+    opt = build_optimizer(head, LinProbeConfig(), 0.5, torch.device('cpu'))
     head(torch.randn(16, 8)).square().sum().backward()
     gw, gb = head.fc.weight.grad.clone(), head.fc.bias.grad.clone()
     opt.step()
     assert torch.allclose(head.fc.bias, b0 - 0.5 * gb, atol=1e-6)  # no trust ratio on the bias
     trust = 0.001 * w0.norm() / gw.norm()
     assert torch.allclose(head.fc.weight, w0 - 0.5 * trust * gw, rtol=1e-4, atol=1e-7)
+
+
+def test_mae_probe_resumes_exactly(folder, tmp_path, monkeypatch):
+    """MAE's probe is a run of the engine: a death after a checkpoint resumes to the uninterrupted head."""
+    from safetensors.torch import load_file
+    from ldae_models.jobs.linprobe import LinProbeConfig, linprobe
+    enc = f'local-dir:{trained_encoder_folder(tmp_path)}'
+    cfg = lambda out, **k: LinProbeConfig(model=enc, data_root=str(folder), out=str(out), epochs=3,  # noqa: E731
+                                          warmup_epochs=1, batch_size=8, workers=0, ckpt_every=2, quiet=True, **k)
+    full = linprobe(cfg(tmp_path / 'full'))
+    with monkeypatch.context() as m:
+        kill_after_saves(m, 2)
+        with pytest.raises(Killed):
+            linprobe(cfg(tmp_path / 'cut'))
+    cut = linprobe(cfg(tmp_path / 'cut', resume=True))
+    a, b = load_file(str(tmp_path / 'full/head.safetensors')), load_file(str(tmp_path / 'cut/head.safetensors'))
+    assert all(torch.equal(a[k], b[k]) for k in a) and full['top1'] == cut['top1']
 
 
 def test_the_grid_plot_wraps_a_long_title(tmp_path, monkeypatch):

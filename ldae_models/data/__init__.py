@@ -1,12 +1,14 @@
-"""Where images come from: data sets as splits (``splits``), the one decoder (``decode``), and the batches that feed
-a device, in memory or streamed (``loader``)."""
-from .decode import decode_batch, decode_pil, is_jpeg, resize_crop
-from .loader import (AUGMENTATIONS, augment, batches, default_workers, fits_in_memory, in_memory_data, normalize,
-                     sequential, stream)
-from .splits import (CIFAR10_FILES, DATASETS, ImageData, Split, load_split, open_rgb, open_split, split_exists,
+"""Where images come from: data sets as splits, listed without decoding (``splits``), the one decoder (``decode``),
+what happens to a batch on the device (``augment``), and the batches that feed a device, in memory or streamed
+(``loader``)."""
+from .augment import AUGMENTATIONS, augment, normalize
+from .decode import Packed, decode_batch, decode_pil, decode_readable, is_jpeg, read_images, resize_crop
+from .loader import (BAD_POLICIES, decode_split, default_workers, fits_in_memory, load_split, read_batches,
+                     sequential, stream, training_data)
+from .splits import (CIFAR10_FILES, DATASETS, ImageData, Split, check_data_root, open_split, split_exists,
                      subset_indices)
 
-__all__ = ['ImageData', 'Split', 'DATASETS', 'AUGMENTATIONS', 'open_split', 'load_split', 'split_exists',
-           'subset_indices', 'open_rgb', 'decode_batch', 'decode_pil', 'is_jpeg', 'resize_crop', 'augment',
-           'normalize', 'batches', 'stream', 'sequential', 'default_workers', 'fits_in_memory', 'in_memory_data',
-           'CIFAR10_FILES']
+__all__ = ['ImageData', 'Split', 'DATASETS', 'AUGMENTATIONS', 'BAD_POLICIES', 'open_split', 'load_split',
+           'split_exists', 'check_data_root', 'subset_indices', 'decode_batch', 'decode_readable', 'decode_pil',
+           'read_images', 'is_jpeg', 'resize_crop', 'Packed', 'augment', 'normalize', 'read_batches', 'stream',
+           'sequential', 'decode_split', 'default_workers', 'fits_in_memory', 'training_data', 'CIFAR10_FILES']

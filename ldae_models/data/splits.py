@@ -1,5 +1,5 @@
-"""Data sets the way users have them, as splits: ``open_split`` lists a split without decoding it, ``load_split``
-decodes it into memory.
+"""Data sets the way users have them, as splits: ``open_split`` lists a split without decoding it (``loader`` decodes
+it, into memory or as it streams).
 
 A data set is named by a kind and a root (``--dataset KIND --data-root ROOT`` on the command line):
 
@@ -17,9 +17,7 @@ kind             root
 A ``Split`` holds labels, class names and, per image, what the data set stores (a file's path, a slice of encoded
 bytes, or a uint8 array); it costs bytes per image, not pixels, so an ImageNet-size folder is listed in seconds and
 streamed (``loader``). Paths are kept in one numpy array (not a list of Python strings), which DataLoader workers
-share without copying. ``Split.decode(size)`` (what ``load_split`` does) decodes every image once with
-``decode.decode_batch`` into one preallocated uint8 tensor (N, 3, size, size), optionally a file that the processes
-of one machine share (``shared_file``), and returns an ``ImageData``.
+share without copying. A decoded split is an ``ImageData``.
 
 CIFAR-10's python files are pickles: they are read with an unpickler that accepts only numpy arrays and plain
 containers, after their md5 is checked against the official release.
@@ -34,10 +32,10 @@ from typing import Iterator, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .decode import Item, decode_batch
+from .decode import Item
 
-__all__ = ['ImageData', 'Split', 'DATASETS', 'open_split', 'load_split', 'split_exists', 'subset_indices',
-           'open_rgb', 'CIFAR10_FILES']
+__all__ = ['ImageData', 'Split', 'ArraySplit', 'DATASETS', 'open_split', 'split_exists', 'check_data_root',
+           'subset_indices', 'CIFAR10_FILES']
 
 DATASETS = ('folder', 'cifar10', 'npz')
 # torchvision's CIFAR-10 python release: the files and their md5 (the same list torchvision checks)
@@ -76,10 +74,6 @@ class ImageData:
         idx = idx.to(self.labels.device)
         return ImageData(self.images[idx], self.labels[idx], self.classes)
 
-    def batches(self, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """(uint8 images, labels) in order, ``batch_size`` at a time."""
-        for i in range(0, len(self), batch_size):
-            yield self.images[i:i + batch_size], self.labels[i:i + batch_size]
 
 
 def subset_indices(n: int, limit: int, seed: int = 0) -> Optional[torch.Tensor]:
@@ -135,31 +129,6 @@ class Split:
         """Bytes of the split decoded at ``size`` x ``size``."""
         return len(self) * 3 * size * size
 
-    def decode(self, size: Optional[int], progress: bool = False, shared_file: Optional[str] = None,
-               batch: int = 256, workers: int = 0) -> ImageData:
-        """Every image decoded once (``decode.decode_batch`` on the CPU, ``batch`` at a time, in ``workers``
-        DataLoader workers: ``loader.stream``) into one preallocated uint8 tensor (N, 3, size, size); with
-        ``shared_file``, a file-backed tensor (e.g. under /dev/shm) that the other processes of the machine map
-        (``loader.in_memory_data``) instead of decoding again."""
-        from tqdm.auto import tqdm
-        from .loader import sequential, stream
-        n = len(self)
-        first = decode_batch([self.item(0)], size, names=[self.name(0)]) if n else None
-        side = size or (first.shape[-1] if first is not None else 0)
-        h = first.shape[-2] if first is not None else side
-        if shared_file:
-            images = torch.from_file(shared_file, shared=True, size=n * 3 * h * side, dtype=torch.uint8)
-            images = images.view(n, 3, h, side)
-        else:
-            images = torch.empty(n, 3, h, side, dtype=torch.uint8)
-        lo = 0
-        with tqdm(total=n, desc=f'decoding {self.where}', unit='img', disable=None if progress else True,
-                  leave=False) as bar:
-            for chunk, _ in stream(self, sequential(n, batch), size, 'cpu', workers, -(-n // batch)):
-                images[lo:lo + len(chunk)] = chunk
-                lo += len(chunk)
-                bar.update(len(chunk))
-        return ImageData(images, self.labels.clone(), self.classes)
 
 
 class FileSplit(Split):
@@ -170,8 +139,12 @@ class FileSplit(Split):
         self.paths = np.array([str(p).encode() for p in paths], dtype=np.bytes_)
 
     def _item(self, j: int) -> Item:
-        with open(self.paths[j].decode(), 'rb') as f:
-            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        path = self.paths[j].decode()
+        try:
+            with open(path, 'rb') as f:
+                return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        except OSError as e:  # unreadable: the decoder names it like an image it cannot decode
+            raise ValueError(f'{path}: cannot read the file ({e.strerror or e})') from None
 
     def _name(self, j: int) -> str:
         return self.paths[j].decode()
@@ -199,22 +172,13 @@ class ArraySplit(Split):
     def _item(self, j: int) -> Item:
         return torch.from_numpy(np.ascontiguousarray(self.images[j]))
 
-    def decode(self, size: Optional[int], progress: bool = False, shared_file: Optional[str] = None,
-               batch: int = 256, workers: int = 0) -> ImageData:
-        if shared_file is None and (size is None or tuple(self.images.shape[-2:]) == (size, size)):
-            x = self.images if self.index is None else self.images[self.index]
-            return ImageData(torch.from_numpy(np.ascontiguousarray(x)), self.labels.clone(), self.classes)
-        return super().decode(size, progress, shared_file, batch, workers)
+    def as_images(self, size: Optional[int]) -> Optional[ImageData]:
+        """The images as they are stored, without a copy of the decoder's, when they already have ``size``."""
+        if size is not None and tuple(self.images.shape[-2:]) != (size, size):
+            return None
+        x = self.images if self.index is None else self.images[self.index]
+        return ImageData(torch.from_numpy(np.ascontiguousarray(x)), self.labels.clone(), self.classes)
 
-
-def open_rgb(path: str):
-    """A PIL RGB image of a file, or a ``ValueError`` that names the file (truncated, not an image, unreadable)."""
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            return im.convert('RGB')
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ValueError(f'{path}: cannot decode the image ({e})') from None
 
 
 def _npz_split(path: Path, split: str) -> Split:
@@ -326,6 +290,40 @@ def split_exists(dataset: str, root: Union[str, Path], split: str) -> bool:
     return True
 
 
+_LAYOUT = {'folder': 'an ImageFolder: ROOT/train/<class>/*.jpg and ROOT/test/ (or ROOT/val/)',
+           'cifar10': "the folder torchvision.datasets.CIFAR10(ROOT, download=True) uses (add --download to fetch it)",
+           'npz': 'an .npz file with {split}_jpeg + {split}_offsets (or x_{split}) and y_{split}'}
+
+
+def check_data_root(dataset: str, root: Union[str, Path, None], splits: Sequence[str] = ('train',),
+                    download: bool = False, hint: str = '') -> None:
+    """Refuse, before any work, a data root that cannot give ``splits``, in one line that says what is wrong and what
+    the data set should look like; ``hint`` is added where a split is missing (e.g. the flag that drops it)."""
+    if dataset not in DATASETS:
+        raise ValueError(f'--dataset must be one of {DATASETS}, got {dataset!r}')
+    if not root:
+        raise ValueError(f'--data-root is required ({_LAYOUT[dataset]})')
+    path = Path(root)
+    if dataset == 'cifar10' and download:
+        return
+    if not path.exists():
+        raise FileNotFoundError(f'--data-root {root} does not exist (--dataset {dataset} reads {_LAYOUT[dataset]})')
+    if dataset == 'npz' and not path.is_file():
+        raise ValueError(f'--data-root {root} is a folder; --dataset npz reads {_LAYOUT["npz"]}')
+    if dataset != 'npz' and not path.is_dir():
+        raise ValueError(f'--data-root {root} is a file; --dataset {dataset} reads {_LAYOUT[dataset]}')
+    if dataset == 'cifar10':
+        if not (path / CIFAR10_DIR).is_dir():
+            raise FileNotFoundError(f'--data-root {root} has no {CIFAR10_DIR}/ folder: add --download, or point it at '
+                                    f'{_LAYOUT["cifar10"]}')
+        return
+    for split in splits:
+        if not split_exists(dataset, path, split):
+            where = 'ROOT/test/ or ROOT/val/' if split == 'test' else 'ROOT/train/'
+            what = f'no {where} folder' if dataset == 'folder' else f'no y_{split} array'
+            raise FileNotFoundError(f'--data-root {root} has {what} ({_LAYOUT[dataset]})' + (f'; {hint}' if hint else ''))
+
+
 def open_split(dataset: str, root: Union[str, Path], split: str = 'train', download: bool = False,
                limit: int = 0, seed: int = 0) -> Split:
     """A split (``'train'`` or ``'test'``) of a data set, listed but not decoded; ``limit`` keeps a seeded random
@@ -343,13 +341,3 @@ def open_split(dataset: str, root: Union[str, Path], split: str = 'train', downl
         out = _folder_split(root, split)
     return out.subset(limit, seed)
 
-
-def load_split(dataset: str, root: Union[str, Path], split: str = 'train', img_size: Optional[int] = None,
-               download: bool = False, progress: bool = True, limit: int = 0, seed: int = 0) -> ImageData:
-    """Decode a split (``'train'`` or ``'test'``) of a data set into memory: ``open_split`` then ``Split.decode``.
-
-    ``img_size`` resizes (shorter side) and center-crops images of another size; decoding shows a progress bar.
-    ``limit`` decodes only a seeded random subset of that many images (``ImageData.subset``'s, chosen before any
-    decoding: the memory and the time of the subset, not of the split).
-    """
-    return open_split(dataset, root, split, download, limit, seed).decode(img_size, progress)

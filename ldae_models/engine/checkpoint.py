@@ -1,5 +1,6 @@
-"""A run's checkpoints: written atomically and durably, the last k kept plus one every N epochs, a resume of another
-run refused, and a run that fails before its first checkpoint leaves its folder as it found it. Checkpoints hold only
+"""A run's folder and its checkpoints: the folder checked before any work (``check_output``), checkpoints written
+atomically and durably, the last k kept plus one every N epochs, a resume of another run refused before anything is
+written, and a run that fails before its first checkpoint leaves its folder as it found it. Checkpoints hold only
 tensors and plain containers (``torch.load(weights_only=True)``)."""
 import contextlib
 import dataclasses
@@ -10,7 +11,8 @@ from typing import Any, Dict, Iterator
 
 import torch
 
-__all__ = ['CKPT_NAME', 'save_checkpoint', 'Checkpoints', 'check_resume', 'undo_on_failure']
+__all__ = ['CKPT_NAME', 'save_checkpoint', 'load_checkpoint', 'Checkpoints', 'check_resume', 'check_output',
+           'undo_on_failure']
 
 CKPT_NAME = 'ckpt_last.pth'
 
@@ -34,6 +36,27 @@ def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
         pass
     finally:
         os.close(fd)
+
+def load_checkpoint(path: Path) -> Dict[str, Any]:
+    """A run's checkpoint (tensors and plain containers only)."""
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def check_output(out: Any, flag: str = '--out') -> Path:
+    """The output folder, refused before any work where it cannot be one: missing, a file, or inside a file."""
+    if not out:
+        raise ValueError(f'{flag} is required (the output folder)')
+    path = Path(out)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = 'is a file' if p == path else f'is inside {p}, which is a file'
+                raise ValueError(f'{flag} {out} {what}, not a folder: choose a folder')
+            if not os.access(p, os.W_OK):
+                raise PermissionError(f'{flag} {out}: {p} is not writable')
+            break
+    return path
+
 
 def _keep_as(path: Path, name: Path) -> None:
     """Keep the file at ``path`` also as ``name`` (a hard link: no copy; a copy where links are not offered)."""
@@ -105,6 +128,3 @@ class Checkpoints:
             _keep_as(self.path, self.out / f'ckpt_epoch{epoch:04d}.pth')
         for old in sorted(self.out.glob('ckpt_step*.pth'))[:-(self.keep_last - 1) or None]:
             old.unlink()
-
-    def load(self) -> Dict[str, Any]:
-        return torch.load(self.path, map_location='cpu', weights_only=True)

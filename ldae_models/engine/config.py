@@ -1,7 +1,7 @@
 """The configuration every training run of the zoo shares (``RunConfig``), nanoGPT-style: one dataclass, each field
-with its default and the reason for it (the command line's help), bounds checked on creation. ``ldae-models train``
-extends it with the denoising model (``train.TrainConfig``), ``ldae-models distill`` with RepFusion's
-(``distill.DistillConfig``); recipes (``recipes.py``) fill it from a table."""
+with its default and the reason for it (the command line's help), bounds checked on creation. Each job extends it:
+``jobs.pretrain.TrainConfig`` (the denoising model), ``jobs.repfusion.DistillConfig`` (RepFusion),
+``jobs.linprobe.LinProbeConfig`` (MAE's linear probe); recipes (``jobs/recipes.py``) fill it from a table."""
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
@@ -48,7 +48,12 @@ class RunConfig:
                           choices=('auto', 'yes', 'no'))
     aug: str = arg('center', "'center' square (the paper's default), 'flip' (+ horizontal flip, DiT's) or 'rrc' "
                               "(random resized crop of the center square + flip)", choices=AUGMENTATIONS)
+    rrc_scale: List[float] = arg(None, "the area range of --aug rrc's random resized crop (MAE's pre-training: 0.2 1; "
+                                       "its linear probe: 0.08 1)", factory=lambda: [0.2, 1.0])
     workers: int = arg(-1, 'DataLoader workers per process of the streaming path (-1: from the core count)', min=-1)
+    skip_bad_images: bool = arg(False, 'put another image of its batch in the place of an image that cannot be read '
+                                       '(each one logged and listed in OUT/skipped_images.txt; default: stop, naming '
+                                       'it)')
     # -- budget and optimiser (App. A: AdamW, no weight decay, blr 1e-4, batch 2048, warmup 100 of 400 epochs)
     epochs: int = arg(400, 'epochs of the schedule (the paper: 400, 800, 1600)', min=0)
     max_steps: int = arg(0, 'end after this many steps instead; warmup and cosine are then laid over these steps (0: no '
@@ -74,6 +79,9 @@ class RunConfig:
     compile: bool = arg(False, 'torch.compile the training step')
     nan_check_every: int = arg(25, 'steps between reads of the non-finite-loss flag (each read waits on the device)',
                                 min=1)
+    stop_check_s: float = arg(5.0, 'seconds between the processes\' agreement on a stop signal (several processes; one '
+                                   'process stops at the next step): a stop costs at most this plus the checkpoint',
+                              above=0)
     device: str = arg('auto', "'auto' (the local GPU if any), 'cpu', 'cuda'", choices=('auto', 'cpu', 'cuda'))
     # -- the run
     out: str = arg('', 'output folder: checkpoints, log.jsonl, final weights')
@@ -86,9 +94,9 @@ class RunConfig:
                              '(ckpt_step*.pth)', min=1)
     keep_every_epochs: int = arg(0, 'also keep the checkpoint of every N-th epoch (ckpt_epoch*.pth; 0: none)', min=0)
     log_every: int = arg(50, 'steps between JSON log lines', min=1)
-    quiet: bool = arg(False, 'no progress bar')
-    sources: Dict[str, str] = arg(None, 'where each value comes from (set by a recipe; saved with the run)',
-                                   factory=dict, cli=False)
+    quiet: bool = arg(False, 'no progress bar or progress lines (the JSON log lines stay)')
+    provenance: Dict[str, str] = arg(None, 'where each value comes from (set by a recipe; saved with the run)',
+                                     factory=dict, cli=False)
 
     # what a resumed run must share with its checkpoint (besides the schedule's length in steps)
     resume_fields = ('batch_size', 'seed', 'opt')

@@ -5,7 +5,11 @@ from typing import Any, Dict, Sequence, Set
 import torch
 import torch.nn as nn
 
-__all__ = ['lr_at', 'build_optimizer', 'no_weight_decay_names']
+__all__ = ['lr_at', 'build_optimizer', 'no_weight_decay_names', 'ADAMW_BETAS', 'ADAMW_BETAS_SOURCE']
+
+# AdamW-family betas of every run (a recipe records them with this source)
+ADAMW_BETAS = (0.9, 0.95)
+ADAMW_BETAS_SOURCE = "ours: MAE's; App. A states none (DiT keeps PyTorch's 0.999)"
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, min_lr: float = 0.0,
@@ -34,12 +38,17 @@ def no_weight_decay_names(model: nn.Module) -> Set[str]:
 def build_optimizer(model: nn.Module, cfg: Any, lr: float, device: torch.device) -> torch.optim.Optimizer:
     """The run's optimizer, built by timm (``create_optimizer_v2``): weight decay in one group, and none on 1-D
     parameters (norms, biases) and on what ``no_weight_decay()`` names; frozen parameters left out. AdamW-family
-    optimizers take betas (0.9, 0.95) (ours: MAE's; the l-DAE paper states none), fused on a GPU."""
+    optimizers take ``ADAMW_BETAS``, fused on a GPU; LARS applies its trust ratio to the decayed group (the weight
+    matrices) only, as MAE's ``util/lars.py`` does."""
     from timm.optim import create_optimizer_v2, param_groups_weight_decay
     groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=no_weight_decay_names(model))
     kw: Dict[str, Any] = {}
+    if cfg.opt.lower() in ('lars', 'nlars'):  # LARS adapts the matrices only, with or without weight decay (MAE's)
+        groups = [dict(g, params=ps, always_adapt=adapt) for g in groups
+                  for adapt, ps in ((True, [p for p in g['params'] if p.ndim > 1]),
+                                    (False, [p for p in g['params'] if p.ndim <= 1])) if ps]
     if cfg.opt.lower() in ('adamw', 'adam', 'nadamw', 'lamb', 'adan'):
-        kw['betas'] = (0.9, 0.95)
+        kw['betas'] = ADAMW_BETAS
     if cfg.opt.lower() in ('adamw', 'adam') and device.type == 'cuda':
         kw['fused'] = True
     try:

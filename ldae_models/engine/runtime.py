@@ -1,7 +1,15 @@
-"""Where a run executes: its processes (torchrun), device and precision, its counter-based seeds, and the
-signals that stop it."""
+"""Where a run executes: its device and processes (one process, torchrun, or one process per task under srun), its
+precision, and the signals that stop it.
+
+Stopping: SIGTERM and SIGUSR1 (a scheduler's notice) set a flag (``StopSignals``, installed when a run starts, before
+its data is listed); the loop checkpoints at the next step boundary and raises ``Preempted`` (exit status 75).
+Several processes must stop at the same step: ``StopCheck`` has them agree by one all-reduce every ``every_s``
+seconds, at a step all of them compute from the slowest one's step time, so a stop costs at most about ``every_s``
+plus the checkpoint, whatever the model's step time, and no step waits on the host in between.
+"""
 import contextlib
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -10,27 +18,24 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..data.loader import STOP_SIGNALS
-
-__all__ = ['step_seed', 'process_group', 'setup_distributed', 'resolve_amp', 'cpu_has_native_bf16',
-           'Float32DegenerateConvs', 'StopSignals', 'Preempted', 'PREEMPTED_EXIT_CODE', 'stop_requested']
+__all__ = ['resolve_device', 'process_group', 'setup_distributed', 'resolve_amp', 'cpu_has_native_bf16',
+           'Float32DegenerateConvs', 'StopSignals', 'StopCheck', 'Preempted', 'PREEMPTED_EXIT_CODE', 'STOP_SIGNALS']
 
 PREEMPTED_EXIT_CODE = 75  # what the command line exits with after a SIGTERM / SIGUSR1 checkpoint (EX_TEMPFAIL: requeue)
+STOP_SIGNALS = ('SIGTERM', 'SIGUSR1')  # a scheduler's notice: the run checkpoints at the next step and stops
 
-_MASK = (1 << 63) - 1
 
+def resolve_device(name: str) -> torch.device:
+    """``'auto'`` (the local GPU if any), ``'cpu'`` or ``'cuda'`` (refused, in words, without a GPU)."""
+    if name not in ('auto', 'cpu', 'cuda'):
+        raise ValueError(f"--device must be 'auto', 'cpu' or 'cuda', got {name!r}")
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('--device cuda: no CUDA device is visible to this process (check the allocation: '
+                         'CUDA_VISIBLE_DEVICES, sbatch --gpus-per-node)')
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    return torch.device(name)
 
-def step_seed(seed: int, *counters: int) -> int:
-    """A 63-bit seed from (run seed, counters...) by splitmix64-style mixing: the counter-based seed of a step."""
-    x = seed & _MASK
-    for i, c in enumerate(counters):
-        x = (x + (c + 1) * (0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019 * i)) & ((1 << 64) - 1)
-        x ^= x >> 30
-        x = (x * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
-        x ^= x >> 27
-        x = (x * 0x94D049BB133111EB) & ((1 << 64) - 1)
-        x ^= x >> 31
-    return x & _MASK
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); without it bf16 autocast is many times slower."""
@@ -50,9 +55,9 @@ def cpu_has_native_bf16() -> bool:
 
 @contextlib.contextmanager
 def process_group(device: str) -> Iterator[Tuple[int, int, torch.device]]:
-    """(rank, world, device) of this process. Under torchrun the process group is created on entry unless a caller
-    already holds one (RepFusion holds one for both of its stages), and destroyed on leaving only by whoever created
-    it; a normal exit waits for every process (process 0 may still be writing files)."""
+    """(rank, world, device) of this process. With several processes (``WORLD_SIZE`` > 1) the process group is
+    created on entry unless a caller already holds one, and destroyed on leaving only by whoever created it; a normal
+    exit waits for every process (process 0 may still be writing files)."""
     creates = int(os.environ.get('WORLD_SIZE', '1')) > 1 and not dist.is_initialized()
     rank, world, dev = setup_distributed(device)
     try:
@@ -60,32 +65,47 @@ def process_group(device: str) -> Iterator[Tuple[int, int, torch.device]]:
         if world > 1:
             dist.barrier()
     finally:
-        if creates:
+        if creates and dist.is_initialized():
             dist.destroy_process_group()
 
+
 def setup_distributed(device: str) -> Tuple[int, int, torch.device]:
+    """Join the process group (NCCL on GPUs, gloo on CPUs) and bind this process to its GPU (``LOCAL_RANK``) before
+    any collective. A process without the GPU it was told to use is refused in one line naming it."""
     world = int(os.environ.get('WORLD_SIZE', '1'))
-    use_cuda = torch.cuda.is_available() and device in ('auto', 'cuda')
-    if device == 'cuda' and not torch.cuda.is_available():
-        raise ValueError('--device cuda: no CUDA device is available')
-    rank, local = 0, 0
+    dev = resolve_device(device)
+    local = int(os.environ.get('LOCAL_RANK', '0'))
+    if dev.type == 'cuda':
+        count = torch.cuda.device_count()
+        if local >= count:
+            raise ValueError(f'process {local} of this machine needs GPU {local}, but {count} GPU(s) are visible: '
+                             f'start one process per GPU (NPROC_PER_NODE, srun --ntasks-per-node) or ask for more GPUs')
+        torch.cuda.set_device(local)
+        dev = torch.device('cuda', local)
+    rank = 0
     if world > 1:
         if not dist.is_initialized():
-            dist.init_process_group('nccl' if use_cuda else 'gloo')
-        rank, local = dist.get_rank(), int(os.environ.get('LOCAL_RANK', '0'))
-    if use_cuda:
-        torch.cuda.set_device(local)
-        return rank, world, torch.device('cuda', local)
-    return rank, world, torch.device('cpu')
+            dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+        rank = dist.get_rank()
+    return rank, world, dev
+
 
 def resolve_amp(mode: str, device: torch.device) -> Optional[Dict[str, Any]]:
-    """The autocast arguments of ``mode`` on ``device``. ``auto``: bf16 on a GPU and on a CPU with native bf16
-    (AVX512-BF16 or AMX), float32 elsewhere; ``bf16``: bf16 wherever asked (on a CPU without native bf16 it is correct
+    """The autocast arguments of ``mode`` on ``device``. ``auto``: bf16 on a GPU that has it (compute capability 8.0
+    and later: ``torch.cuda.is_bf16_supported()``) and on a CPU with native bf16 (AVX512-BF16 or AMX), float32
+    elsewhere; ``bf16``: bf16 wherever asked (on a CPU without native bf16 it is correct
     but many times slower: 12x measured, so a warning says so); ``off``: float32."""
     if mode == 'off':
         return None
     if device.type == 'cuda':
-        return dict(device_type='cuda', dtype=torch.bfloat16)
+        if torch.cuda.is_bf16_supported():
+            return dict(device_type='cuda', dtype=torch.bfloat16)
+        if mode == 'bf16':
+            raise ValueError(f'--amp bf16: {torch.cuda.get_device_name(device)} has no bf16 (compute capability '
+                             f'below 8.0); use --amp off')
+        warnings.warn(f'--amp auto: {torch.cuda.get_device_name(device)} has no bf16; the run computes in float32',
+                      stacklevel=2)
+        return None
     if cpu_has_native_bf16():
         return dict(device_type='cpu', dtype=torch.bfloat16)
     if mode == 'bf16':
@@ -152,19 +172,9 @@ class Float32DegenerateConvs:
         for h in self._handles:
             h.remove()
 
-class Preempted(Exception):
-    """A run stopped by SIGTERM or SIGUSR1 after writing its checkpoint at the step reached; ``--resume`` continues
-    it. The command line exits with ``PREEMPTED_EXIT_CODE`` (75), which a requeue script can act on."""
-
-    def __init__(self, step: int, path: Path, signal_name: str) -> None:
-        super().__init__(f'{signal_name}: stopped at step {step} with its checkpoint {path}; continue with --resume')
-        self.step, self.path = step, path
-
 class StopSignals:
-    """SIGTERM and SIGUSR1 (a scheduler's notice before preemption) set a flag the loop reads at step boundaries;
-    the previous handlers are restored on leaving. Outside the main thread nothing is installed."""
-
-    NAMES = STOP_SIGNALS
+    """SIGTERM and SIGUSR1 set a flag the loop reads at step boundaries; the previous handlers are restored on
+    leaving. Outside the main thread nothing is installed."""
 
     def __init__(self) -> None:
         self.received: Optional[str] = None
@@ -174,7 +184,7 @@ class StopSignals:
         import signal
         import threading
         if threading.current_thread() is threading.main_thread():
-            for name in self.NAMES:
+            for name in STOP_SIGNALS:
                 sig = getattr(signal, name, None)
                 if sig is not None:
                     self._old[sig] = signal.signal(sig, self._handle)
@@ -182,20 +192,52 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: Any) -> None:
         import signal
-        self.received = signal.Signals(signum).name
+        if self.received is None:
+            self.received = signal.Signals(signum).name
 
     def __exit__(self, *exc: Any) -> None:
         import signal
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
-def stop_requested(signals: StopSignals, world: int, step: int, every: int, device: torch.device) -> bool:
-    """Whether to stop at this step boundary: at once in one process; under torchrun every ``every`` steps (the
-    processes agree by an all-reduce, which waits on the device, so it runs at the non-finite check's cadence)."""
-    if world == 1:
-        return signals.received is not None
-    if step % every:
-        return False
-    flag = torch.tensor([1.0 if signals.received else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item() > 0)
+
+class StopCheck:
+    """Whether to stop at a step boundary (see the module docstring): in one process, whenever a signal came; with
+    several, at agreed steps about ``every_s`` seconds apart."""
+
+    def __init__(self, signals: StopSignals, world: int, device: torch.device, every_s: float) -> None:
+        self.signals, self.world, self.device, self.every_s = signals, world, device, every_s
+        self.next_step: Optional[int] = None   # the next agreed check (None: the first step boundary)
+        self.mark = (0, time.monotonic())      # (step, time) of the last check
+
+    def now(self, step: int) -> bool:
+        """Agree now (every process calls it at this step): whether any process received a stop signal."""
+        if self.world == 1:
+            return self.signals.received is not None
+        last_step, last_t = self.mark
+        now = time.monotonic()
+        per_step = (now - last_t) / max(1, step - last_step)
+        t = torch.tensor([1.0 if self.signals.received else 0.0, per_step], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        stop, slowest = t.tolist()
+        self.next_step = step + max(1, int(self.every_s / max(slowest, 1e-6)))
+        self.mark = (step, now)
+        return stop > 0
+
+    def __call__(self, step: int) -> bool:
+        """At a step boundary: whether to stop here (several processes: only at the agreed steps)."""
+        if self.world == 1:
+            return self.signals.received is not None
+        if self.next_step is None:  # the first boundary starts the clock
+            self.next_step, self.mark = step + 1, (step, time.monotonic())
+            return False
+        return self.now(step) if step >= self.next_step else False
+
+
+class Preempted(Exception):
+    """A run stopped by SIGTERM or SIGUSR1 after writing its checkpoint at the step reached; ``--resume`` continues
+    it. The command line exits with ``PREEMPTED_EXIT_CODE`` (75), which a requeue script can act on."""
+
+    def __init__(self, step: int, path: Path, signal_name: str) -> None:
+        super().__init__(f'{signal_name}: stopped at step {step} with its checkpoint {path}; continue with --resume')
+        self.step, self.path = step, path

@@ -123,10 +123,18 @@ class PatchPCA(nn.Module):
         self.register_buffer('components', torch.eye(dim))  # (D, D), rows are components
         self.register_buffer('eigenvalues', torch.ones(dim))  # descending
         self.register_buffer('num_patches', torch.zeros((), dtype=torch.int64))  # patches seen by the fit; 0 = unfitted
+        self._fitted = False  # num_patches > 0, kept on the host: a forward pass never reads the device for it
 
     @property
     def fitted(self) -> bool:
-        return bool(self.num_patches.item() > 0)
+        """Whether the buffers hold a fit (set by ``set_from_stats`` and by loading a state dict; no host sync)."""
+        return self._fitted
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        count = state_dict.get(prefix + 'num_patches')
+        if count is not None and count.device.type != 'meta':
+            self._fitted = bool(count.item() > 0)
 
     def _require_fitted(self) -> None:
         if not self.fitted:
@@ -171,6 +179,7 @@ class PatchPCA(nn.Module):
         self.components.copy_(comps.to(self.components.dtype))
         self.eigenvalues.copy_(evals.to(self.eigenvalues.dtype))
         self.num_patches.fill_(stats.count)
+        self._fitted = stats.count > 0
         return self
 
     def fit(

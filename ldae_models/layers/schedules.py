@@ -82,6 +82,15 @@ class NoiseSchedule:
                              f'schedule {self.name!r}), got {t[bad].flatten()[:4].tolist()}')
         return t
 
+    def check_value(self, t: float) -> float:
+        """``check_t`` of one number, on the host (no tensor is made): a Python check of a user's t."""
+        if not math.isfinite(t):
+            raise ValueError(f'timestep t must be finite, got {[t]}')
+        if not 0 <= t < self.num_timesteps:
+            raise ValueError(f'timestep t must be in [0, {self.num_timesteps}) (a step index, not a fraction of 1; '
+                             f'schedule {self.name!r}), got {[t]}')
+        return t
+
     def timesteps(self, t: TimestepLike, batch_size: int, device: Union[str, torch.device]) -> torch.Tensor:
         """Normalise a user's t (a number, a 0-d, (1,) or (B,) tensor) to a checked float (B,) tensor on ``device``.
 
@@ -260,6 +269,12 @@ class EDMSchedule(NoiseSchedule):
         if not torch.isfinite(t).all() or (t <= 0).any():
             raise ValueError(f'with the "edm" schedule t is the noise level sigma and must be finite and > 0, got '
                              f'{t.flatten()[:4].tolist()}')
+        return t
+
+    def check_value(self, t: float) -> float:
+        if not (math.isfinite(t) and t > 0):
+            raise ValueError(f'with the "edm" schedule t is the noise level sigma and must be finite and > 0, got '
+                             f'{[t]}')
         return t
 
     def sample_t(self, n: int, generator: Optional[torch.Generator] = None,

@@ -25,7 +25,7 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models._builder import pretrained_cfg_for_features
 from timm.models._features import FeatureGetterNet
 
-from ..hub.checkpoint import FilterFn, load_pretrained
+from ..hub.loading import FilterFn, load_pretrained
 from ..hub.sources import strip_weights_info, weight_source
 
 __all__ = ['build_model', 'load_model', 'full_model', 'register_family', 'list_models', 'pretrained_cfg_for', 'names_weights', 'has_weights',

@@ -41,7 +41,7 @@ from ..layers.blocks import AdaLNBlock, FinalLayer, init_dit_weights
 from ..layers.embed import LabelEmbedder, TimestepEmbedder, sincos_pos_embed_2d
 from ..layers.pca import unpatchify
 from ..layers.schedules import DDPMSchedule
-from ..hub.checkpoint import load_pretrained
+from ..hub.loading import load_pretrained
 from ._builder import build_model, pretrained_cfg_for, register_family, split_name
 from .adaln_vit import AdaLNViT
 from .wrappers import DiffusionInput

@@ -116,7 +116,7 @@ class FeatureExtractor:
             if self.fixed_t and t != self.t:
                 raise ValueError(f'a merged encoder computes features at the t it was merged at ({self.t:g}) only, '
                                  f'got t={t:g}; use the conditional encoder (merged=False) for other ts')
-            self.schedule.check_t(torch.tensor([t], device='cpu'))
+            self.schedule.check_value(t)
             out.append(t)
         return out
 

@@ -34,7 +34,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ..hub.checkpoint import CheckpointMismatchError, load_pretrained
+from ..hub.loading import CheckpointMismatchError, load_pretrained
 from ..hub.sources import packaged_file, sha256_note, strip_weights_info
 from ..layers.blocks import AdaLNBlock, FinalLayer, init_adaln_weights
 from ..layers.pca import PatchPCA, float32_region, patchify
@@ -243,8 +243,7 @@ class LatentDAE(FeatureExtractor, nn.Module):
     def component_weights(self, device: torch.device) -> torch.Tensor:
         """w_i: 1 for the first d PCA components, ``residual_weight`` for the rest (D,)."""
         w = torch.full((self.tokenizer.dim,), float(self.residual_weight), device=device)
-        w[:self.tokenizer.latent_dim] = 1.0
-        return w
+        return w.index_fill_(0, torch.arange(self.tokenizer.latent_dim, device=device), 1.0)  # no host tensor
 
     def compute_loss(self, pred: torch.Tensor, images: torch.Tensor, noise: Optional[torch.Tensor],
                      t: torch.Tensor) -> torch.Tensor:

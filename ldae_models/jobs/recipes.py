@@ -6,6 +6,9 @@ for what it leaves open. ``train_config(name, gpu_mem_gb=80, world=1, **override
 ``TrainConfig``: the overrides (the command line's flags) win, and the micro-batch per GPU is chosen to fit
 ``gpu_mem_gb`` from ``ACTIVATION_MIB``, measured activation memory per image (``--micro-batch`` fixes it instead):
 
+- the memory of a step: weights, gradients and AdamW's moments in float32 (16 bytes a parameter), an EMA copy (4),
+  autocast's bf16 copies of the weights (2), DistributedDataParallel's gradient buckets with several processes (4),
+  and the activations of the micro-batch;
 - the global batch is the recipe's for any number of GPUs: ``accum_steps = batch / (world x micro-batch)``;
 - without gradient checkpointing while a micro-batch of at least ``MIN_EFFICIENT_MICRO`` images fits (accumulation
   costs nothing but the smaller matmuls), else with it (recomputation costs about a third more compute).
@@ -18,8 +21,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
+from ..engine import ADAMW_BETAS_SOURCE, accumulation_steps
+
 __all__ = ['Setting', 'RECIPES', 'DISTILL_RECIPES', 'ACTIVATION_MIB', 'train_config', 'distill_config', 'plan_memory',
-           'static_bytes', 'recipe_table']
+           'planned_gb', 'static_bytes', 'recipe_table']
 
 
 @dataclass(frozen=True)
@@ -92,9 +97,6 @@ DISTILL_RECIPES: Dict[str, Dict[str, Setting]] = {
     ),
 }
 
-# Not a config field, ours on every recipe: AdamW's betas (0.9, 0.95) are MAE's; App. A states none (DiT, which the
-# paper follows, keeps PyTorch's 0.999).
-ADAMW_BETAS = Setting((0.9, 0.95), "ours: MAE's; App. A states none (DiT keeps PyTorch's 0.999)")
 
 # Activation MiB per image of the whole DAE's training step under bf16 autocast: (plain, gradient checkpointing).
 # Measured on a CPU by `python benchmarks/bench_activation_memory.py` (autograd's saved tensors, each storage once;
@@ -113,14 +115,23 @@ MIN_EFFICIENT_MICRO = 32  # below this many images per micro-batch, gradient che
 def param_count(model: str) -> int:
     """The whole DAE's parameters (built on the meta device: no memory, no time)."""
     import torch
-    from .models import full_model
+    from ..models import full_model
     with torch.device('meta'):
         return sum(p.numel() for p in full_model(model).parameters())
 
 
-def static_bytes(params: int, ema: bool) -> int:
-    """Weights, gradients and AdamW's two moments in float32 (16 bytes a parameter), and an EMA copy (4 more)."""
-    return params * (16 + (4 if ema else 0))
+def static_bytes(params: int, ema: bool, world: int = 1, bf16: bool = True) -> int:
+    """What a step holds besides activations: weights, gradients and AdamW's two moments in float32 (16 bytes a
+    parameter), an EMA copy (4), autocast's bf16 copies of the weights (2), DDP's gradient buckets (4, with several
+    processes)."""
+    return params * (16 + (4 if ema else 0) + (2 if bf16 else 0) + (4 if world > 1 else 0))
+
+
+def planned_gb(model: str, micro_batch: int, world: int, ema: bool, grad_checkpointing: bool) -> float:
+    """The planned memory of one GPU's step (GB): ``static_bytes`` and the micro-batch's activations."""
+    plain, ckpt = ACTIVATION_MIB[model]
+    act = (ckpt if grad_checkpointing else plain) * 2 ** 20 * micro_batch
+    return round((static_bytes(param_count(model), ema, world) + act) / 1e9, 1)
 
 
 def plan_memory(model: str, batch_size: int, world: int, gpu_mem_gb: float, ema: bool = False,
@@ -132,23 +143,23 @@ def plan_memory(model: str, batch_size: int, world: int, gpu_mem_gb: float, ema:
         ValueError: a batch that ``world`` does not divide, a micro-batch that does not divide the per-GPU batch, a
             model without a measured activation size, or a GPU too small for one image.
     """
-    if batch_size % world:
-        raise ValueError(f'the global batch {batch_size} is not divisible by the {world} processes')
+    if micro_batch:
+        accumulation_steps(batch_size, world, micro_batch)  # divisibility, named
+    elif batch_size % world:
+        raise ValueError(f'--batch-size {batch_size} is not divisible by the {world} processes')
     per_gpu = batch_size // world
     if model not in ACTIVATION_MIB:
         raise ValueError(f'no measured activation memory for {model} (known: {", ".join(ACTIVATION_MIB)}): give '
                          f'--micro-batch and --grad-checkpointing yourself')
     plain, ckpt = (v * 2 ** 20 for v in ACTIVATION_MIB[model])
-    free = gpu_mem_gb * 1e9 * GPU_MEM_MARGIN - static_bytes(param_count(model), ema)
+    fixed = static_bytes(param_count(model), ema, world)
+    free = gpu_mem_gb * 1e9 * GPU_MEM_MARGIN - fixed
     fit_plain, fit_ckpt = max(0, int(free // plain)), max(0, int(free // ckpt))
     if fit_ckpt < 1:
-        raise ValueError(f'--gpu-mem-gb {gpu_mem_gb:g} is too small for {model}: its weights, gradients and AdamW '
-                         f'state take {static_bytes(param_count(model), ema) / 1e9:.1f} GB, and one image needs '
+        raise ValueError(f'--gpu-mem-gb {gpu_mem_gb:g} is too small for {model}: its weights, gradients, AdamW '
+                         f'state, bf16 copies and gradient buckets take {fixed / 1e9:.1f} GB, and one image needs '
                          f'{ckpt / 2 ** 20:.0f} MiB more even with gradient checkpointing')
     if micro_batch:
-        if per_gpu % micro_batch:
-            raise ValueError(f'--micro-batch {micro_batch} does not divide the per-GPU batch {per_gpu} '
-                             f'({batch_size} over {world} processes)')
         if micro_batch > fit_ckpt:
             raise ValueError(f'--micro-batch {micro_batch} does not fit in {gpu_mem_gb:g} GB for {model} (at most '
                              f'{fit_ckpt} with gradient checkpointing, {fit_plain} without)')
@@ -158,9 +169,8 @@ def plan_memory(model: str, batch_size: int, world: int, gpu_mem_gb: float, ema:
         fit = fit_plain if use_plain else fit_ckpt
         micro = _largest_divisor_at_most(per_gpu, fit)
         checkpointing = not use_plain
-    act = (ckpt if checkpointing else plain) * micro
     return dict(micro_batch=micro, accum_steps=per_gpu // micro, grad_checkpointing=checkpointing,
-                planned_gb=round((static_bytes(param_count(model), ema) + act) / 1e9, 1), per_gpu_batch=per_gpu)
+                planned_gb=planned_gb(model, micro, world, ema, checkpointing), per_gpu_batch=per_gpu)
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
@@ -174,40 +184,40 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
 
 
 def _resolve(table: Dict[str, Dict[str, Setting]], name: str, what: str, overrides: Dict[str, Any]):
-    """(values, sources) of recipe ``name`` of ``table`` with ``overrides`` on top (their source: "flag")."""
+    """(values, provenance) of recipe ``name`` of ``table`` with ``overrides`` on top (their provenance: "flag")."""
     if name not in table:
         raise ValueError(f'unknown recipe {name!r}; {what} are: {", ".join(table)}')
     values = {k: s.value for k, s in table[name].items()}
-    sources = {k: s.source for k, s in table[name].items()}
+    provenance = {k: s.source for k, s in table[name].items()}
     values.update(overrides)
-    sources.update({k: 'flag' for k in overrides})
-    return values, sources
+    provenance.update({k: 'flag' for k in overrides})
+    return values, provenance
 
 
 def train_config(name: str, gpu_mem_gb: float = 80.0, world: int = 1, micro_batch: int = 0, **overrides: Any):
     """The ``TrainConfig`` of recipe ``name`` with ``overrides`` (field: value) on top, its micro-batch planned for
-    ``world`` GPUs of ``gpu_mem_gb`` GB (unless ``accum_steps`` is overridden). Returns (config, sources): the source
-    of every value ("flag" for an override, "plan" for the memory plan)."""
-    from .train import TrainConfig
-    values, sources = _resolve(RECIPES, name, 'the recipes', overrides)
+    ``world`` GPUs of ``gpu_mem_gb`` GB (unless ``accum_steps`` is overridden); its ``provenance`` names where every
+    value comes from ("flag" for an override, "plan" for the memory plan)."""
+    from .pretrain import TrainConfig
+    values, provenance = _resolve(RECIPES, name, 'the recipes', overrides)
     if 'accum_steps' not in overrides:
         plan = plan_memory(values['model'], values['batch_size'], world, gpu_mem_gb, ema=bool(values.get('ema')),
                            micro_batch=micro_batch)
         values['accum_steps'] = plan['accum_steps']
-        sources['accum_steps'] = (f'plan: micro-batch {plan["micro_batch"]} of {plan["per_gpu_batch"]} per GPU, '
-                                  f'about {plan["planned_gb"]} GB of {gpu_mem_gb:g}')
+        provenance['accum_steps'] = (f'plan: micro-batch {plan["micro_batch"]} of {plan["per_gpu_batch"]} per GPU, '
+                                     f'about {plan["planned_gb"]} GB of {gpu_mem_gb:g}')
         if 'grad_checkpointing' not in overrides:
             values['grad_checkpointing'] = plan['grad_checkpointing']
-            sources['grad_checkpointing'] = 'plan'
-    sources['adamw_betas'] = ADAMW_BETAS.source
-    return TrainConfig(**values), sources
+            provenance['grad_checkpointing'] = 'plan'
+    provenance['adamw_betas'] = ADAMW_BETAS_SOURCE
+    return TrainConfig(**values, provenance=provenance)
 
 
 def distill_config(name: str, **overrides: Any):
-    """The ``DistillConfig`` of RepFusion recipe ``name`` with ``overrides`` on top. Returns (config, sources)."""
-    from .distill import DistillConfig
-    values, sources = _resolve(DISTILL_RECIPES, name, 'the distillation recipes', overrides)
-    return DistillConfig(**values), sources
+    """The ``DistillConfig`` of RepFusion recipe ``name`` with ``overrides`` on top, with its ``provenance``."""
+    from .repfusion import DistillConfig
+    values, provenance = _resolve(DISTILL_RECIPES, name, 'the distillation recipes', overrides)
+    return DistillConfig(**values, provenance=provenance)
 
 
 def recipe_table(recipes: Dict[str, Dict[str, Setting]] = RECIPES) -> str:

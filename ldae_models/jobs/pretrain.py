@@ -1,10 +1,10 @@
-"""Training the denoising models: l-DAE (with its ablations) and the DDPM objective of the DDAE UNets, a job on the
-zoo's training engine (``engine``).
+"""Pre-training the denoising models: l-DAE (with its ablations) and the DDPM objective of the DDAE UNets, a job on
+the zoo's training engine (``engine``).
 
 ``TrainConfig`` adds the model and its ablations to the engine's ``RunConfig``, each field with the reason for it;
 ``DenoisingObjective`` is what the loop optimises; ``train(config)`` runs it. The l-DAE's PCA tokenizer is fitted as
-the first step of a fresh run, on the images the run trains on (``data.batches`` of its source, in memory or
-streamed: the same center squares).
+the first step of a fresh run, on the images the run trains on (the first epoch's order, in memory or streamed: the
+same center squares).
 
     ldae-models train --dataset cifar10 --data-root ~/data --out runs/tiny --epochs 400
     torchrun --nproc_per_node 8 -m ldae_models train --recipe ldae_vit_b_in1k --data-root IMAGENET --out runs/b
@@ -12,6 +12,7 @@ streamed: the same center squares).
 The end of a run writes ``model.safetensors`` (the EMA weights with ``ema``) and, for an l-DAE, ``encoder/``, a
 ``save_pretrained`` folder of its conditional encoder.
 """
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +21,13 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .data import ImageData, Split, batches, normalize
-from .engine import Objective, RunConfig, run, step_seed
-from .engine.config import arg
-from .layers.pca import LATENT_SCALES
-from .layers.schedules import SCHEDULES, TARGETS, randn
-from .models.ldae_vit import NOISE_SPACES
+from ..data import ImageData, Split, normalize, read_batches
+from ..engine import Context, Objective, RunConfig, StageResult, Stream, arg, epoch_order, generator, run
+from ..layers.pca import LATENT_SCALES
+from ..layers.schedules import SCHEDULES, TARGETS, randn
+from ..models.ldae_vit import NOISE_SPACES
 
-__all__ = ['TrainConfig', 'DenoisingObjective', 'train', 'build_model']
+__all__ = ['TrainConfig', 'DenoisingObjective', 'train', 'build_model', 'fit_pca', 'export_final']
 
 
 @dataclass
@@ -71,7 +71,7 @@ class TrainConfig(RunConfig):
 
 def build_model(cfg: TrainConfig) -> nn.Module:
     """The whole model a config trains (``models.full_model``): an l-DAE (with the ablations) or a DDAE UNet."""
-    from .models import full_model
+    from ..models import full_model
     kwargs = cfg.model_kwargs()
     try:
         model = full_model(cfg.model, **kwargs)
@@ -82,66 +82,74 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     return model
 
 class DenoisingObjective(Objective):
-    """The model's own ``training_loss`` (l-DAE, DDPM UNet) at t and noise drawn by its schedule."""
+    """The model's own ``training_loss`` (l-DAE, DDPM UNet) at t and noise drawn by its schedule; an l-DAE's PCA is
+    fitted first (``prepare``), and its encoder is exported last."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
         super().__init__()
         self.model, self.cfg = model, cfg
-        self.is_dae = hasattr(model, 'tokenizer')  # an l-DAE: its PCA is fitted first, its encoder exported last
-        self.img_size = int(model.encoder.input_size()[-1]) if self.is_dae else int(model.input_size()[-1])
-        self._noise_shape: Optional[Tuple[int, ...]] = None
+        self.has_tokenizer = hasattr(model, 'tokenizer')  # an l-DAE (the UNets' DAE has no tokenizer)
+        self.img_size = int((model.encoder if self.has_tokenizer else model).input_size()[-1])
+        with torch.device('meta'):  # the shape of one image's noise, without computing anything
+            self.noise_shape = tuple(model.noise_shape(torch.empty(1, 3, self.img_size, self.img_size)))
 
     @property
     def trained(self) -> nn.Module:
         return self.model
 
-    def prepare_stage(self, n: int) -> Optional[Tuple[str, Dict[str, Any]]]:
-        return ('pca', dict(images=min(self.cfg.pca_images, n))) if self.is_dae else None
-
-    def prepare(self, cfg: RunConfig, source: Union[ImageData, Split], rank: int, world: int,
-                device: torch.device) -> None:
-        if not self.is_dae:
+    def prepare(self, data: Union[ImageData, Split], ctx: Context) -> None:
+        if not self.has_tokenizer:
             return
-        if self.cfg.pca_from:  # the PCA fit is a step of the run (or taken from a fitted model's file)
-            from .hub.checkpoint import read_checkpoint, unwrap_state_dict
+        if self.cfg.pca_from:  # the fitted tokenizer of another file
+            from ..hub import read_checkpoint, unwrap_state_dict
+            ctx.log.stage('pca', source=self.cfg.pca_from)
             sd = unwrap_state_dict(read_checkpoint(self.cfg.pca_from))
             self.model.tokenizer.load_state_dict({k.split('tokenizer.', 1)[1]: v for k, v in sd.items()
                                                   if 'tokenizer.' in k})
-        else:
-            _fit_pca(self.model, self.cfg, source, rank, world, device)
+            return
+        ctx.log.stage('pca', images=min(self.cfg.pca_images, len(data)))
+        fit_pca(self.model, data, self.cfg, ctx)
 
-    def draws(self, generator: torch.Generator, batch: int, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        if self._noise_shape is None:
-            self._noise_shape = tuple(self.model.noise_shape(x))
-        return dict(t=self.model.schedule.sample_t(batch, generator=generator, device=x.device),
-                    noise=randn((batch, *self._noise_shape), generator=generator, device=x.device))
+    def draws(self, generator: torch.Generator, batch: int, device: torch.device) -> Dict[str, torch.Tensor]:
+        return dict(t=self.model.schedule.sample_t(batch, generator=generator, device=device),
+                    noise=randn((batch, *self.noise_shape), generator=generator, device=device))
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return self.model.training_loss(images, t, noise)
 
-    def export(self, trained: nn.Module, cfg: RunConfig, out: Path) -> Path:
-        return export_final(trained, self.cfg, out, self.is_dae)
+    def export(self, trained: nn.Module, out: Path) -> Path:
+        return export_final(trained, self.cfg, out)
 
-def _fit_pca(model: nn.Module, cfg: TrainConfig, source: Union[ImageData, Split], rank: int, world: int,
-             device: torch.device) -> None:
-    """Stream ``pca_images`` images (the epoch-0 order, this rank's share) into float64 sums; all-reduce; fit."""
-    n = len(source)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(cfg.seed, 1, 0)))[:min(cfg.pca_images, n)]
-    mine = perm[rank::world]
+    def planned_memory_gb(self, micro_batch: int, world: int, ema: bool) -> Optional[float]:
+        """The memory plan of ``recipes`` for this model and micro-batch (None: no measured activation size)."""
+        from .recipes import ACTIVATION_MIB, planned_gb
+        if self.cfg.model not in ACTIVATION_MIB:
+            return None
+        return planned_gb(self.cfg.model, micro_batch, world, ema, self.cfg.grad_checkpointing)
+
+
+def fit_pca(model: nn.Module, data: Union[ImageData, Split], cfg: TrainConfig, ctx: Context) -> None:
+    """Stream ``pca_images`` images (the first epoch's order, this process's share) into float64 sums; all-reduce;
+    fit. The patches sampled per image come from the ``PCA_PATCHES`` stream of this process."""
+    n = len(data)
+    mine = epoch_order(n, cfg.seed, 0)[:min(cfg.pca_images, n)][ctx.rank::ctx.world]
     stats = model.tokenizer.new_stats()
-    g = torch.Generator().manual_seed(step_seed(cfg.seed, 3, rank))
+    g = generator(cfg.seed, Stream.PCA_PATCHES, ctx.rank)
     size = int(model.encoder.input_size()[-1])
     chunks = [mine[i:i + 1024] for i in range(0, len(mine), 1024)]
-    for images, _ in batches(source, chunks, size, device, cfg.workers, len(chunks)):
-        model.tokenizer.accumulate(stats, normalize(images), patches_per_image=cfg.pca_patches_per_image, generator=g)
-    stats.all_reduce(device=device if device.type == 'cuda' else None)
+    bad = 'fill' if cfg.skip_bad_images else 'raise'
+    with contextlib.closing(read_batches(data, chunks, size, ctx.device, cfg.workers, len(chunks), bad)) as batches:
+        for images, _ in batches:
+            model.tokenizer.accumulate(stats, normalize(images), patches_per_image=cfg.pca_patches_per_image,
+                                       generator=g)
+    stats.all_reduce(device=ctx.device if ctx.device.type == 'cuda' else None)
     model.tokenizer.set_from_stats(stats)
 
 
-def train(cfg: TrainConfig) -> Dict[str, Any]:
-    """Run a denoising config to its end (or resume it); returns the last step, the last log record and the weights'
-    path."""
-    def make() -> Objective:
+def train(cfg: TrainConfig) -> StageResult:
+    """Run a denoising config to its end (or resume it): the last step, the last log record, the weights' path and
+    the trained model."""
+    def make(num_classes: int) -> Objective:
         model = build_model(cfg)
         if cfg.grad_checkpointing:
             if not hasattr(model, 'set_grad_checkpointing'):
@@ -150,16 +158,17 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         return DenoisingObjective(model, cfg)
     return run(cfg, make)
 
-def export_final(model: nn.Module, cfg: TrainConfig, out: Path, is_dae: bool) -> Path:
+
+def export_final(model: nn.Module, cfg: TrainConfig, out: Path) -> Path:
     """``model.safetensors`` (the whole model) and, for an l-DAE, ``encoder/``: its conditional encoder, with the
     arguments (schedule and t included) that rebuild it, as a ``save_pretrained`` folder."""
     import timm
-    from .hub.publish import save_pretrained, save_safetensors
+    from ..hub.publish import save_pretrained, save_safetensors
     path = save_safetensors(model.state_dict(), out / 'model.safetensors', metadata={'architecture': cfg.model})
-    if is_dae:
+    if hasattr(model, 'tokenizer'):
         enc = timm.create_model(cfg.model, pretrained=True, merged=False, pretrained_cfg_overlay=dict(file=str(path)),
                                 **model.encoder_args)
         save_pretrained(enc, out / 'encoder', model_card=dict(
-            description=f'l-DAE encoder ({cfg.model}) trained with ldae_models.train.',
+            description=f'l-DAE encoder ({cfg.model}) trained with ldae-models train.',
             training={k: v for k, v in dataclasses.asdict(cfg).items() if k not in ('data_root', 'out')}))
     return path

@@ -1,5 +1,5 @@
 """RepFusion's parts (Yang and Wang, arXiv 2308.10916), each a seam with a table: the timestep policies, the networks
-a learned policy uses, its task head and reward baseline, and the distillation losses. ``distill.py`` runs them.
+a learned policy uses, its task head and reward baseline, and the distillation losses. ``run.py`` runs them.
 
 - ``POLICIES``: one class per way of choosing t for an image, over a grid of step indices of the teacher's schedule:
   ``fixed`` (one t), ``random`` (uniform over the grid), ``reinforce`` (a network's softmax over the grid, sampled by
