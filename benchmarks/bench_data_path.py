@@ -26,9 +26,8 @@ from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 import torch
 
 from ldae_models.data import load_split, normalize, open_split
-from ldae_models.data.loader import StepBatches
-from ldae_models.engine import step_draws, step_seed
-from ldae_models.train import DenoisingObjective, TrainConfig, build_model
+from ldae_models.engine import StepBatches, step_draws
+from ldae_models.jobs.pretrain import DenoisingObjective, TrainConfig, build_model
 
 _MASK = (1 << 63) - 1
 
@@ -93,12 +92,12 @@ def sources(cfg: TrainConfig, objective: DenoisingObjective, steps: int, data: A
     def new(in_memory: bool):
         def gen():
             source = data if in_memory else open_split('folder', cfg.data_root, 'train')
-            batches = StepBatches(source, 32, cfg.batch_size, 1, 1, 0, 0, steps, lambda e: step_seed(cfg.seed, 1, e),
-                                  dev, cfg.workers)
-            for step, offset, images, _ in batches:
-                x = normalize(images)
-                d = step_draws(cfg, step, objective, x)
-                yield x, d['t'], d['noise']
+            batches = StepBatches(len(source), cfg.batch_size, 1, 1, 0, cfg.seed)
+            for step, micro_batches in batches.read(source, 0, steps, 32, dev, cfg.workers):
+                for micro in micro_batches:
+                    x = normalize(micro.images)
+                    d = step_draws(cfg, step, objective, dev)
+                    yield x, d['t'], d['noise']
         return gen
 
     return {'legacy': legacy, 'stream': new(False), 'memory': new(True)}

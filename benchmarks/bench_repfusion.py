@@ -1,6 +1,6 @@
 """RepFusion's three timestep policies side by side, with a student trained from scratch at the same budget.
 
-Each run is ``ldae_models.distill.distill`` (what ``ldae-models distill`` runs): stage 1 distils the teacher at its
+Each run is ``ldae_models.jobs.repfusion.distill`` (what ``ldae-models distill`` runs): stage 1 distils the teacher at its
 last encoder block for ``--epochs`` epochs, stage 2 trains the student on the labels for ``--task-epochs``; the
 baseline trains the same student on the labels alone for ``--epochs + --task-epochs`` epochs (the same number of
 epochs), and a second one for ``--task-epochs`` only (the same label epochs as the distilled students). Beside
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ldae_models.data import load_split, normalize
-from ldae_models.distill import DistillConfig, distill
+from ldae_models.jobs.repfusion import DistillConfig, distill
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from timm.models import VisionTransformer
 
 from ldae_models.models import full_model
 from ldae_models.engine import resolve_amp
-from ldae_models.train import DenoisingObjective, TrainConfig
+from ldae_models.jobs.pretrain import DenoisingObjective, TrainConfig
 
 DEFAULT_MODELS = ['ldae_vit_tiny_patch4_32', 'ldae_vit_small_patch4_32', 'ldae_vit_base_patch16_256',
                   'ldae_vit_large_patch16_256']
@@ -141,13 +141,28 @@ def bench_pair(name: str, batch: int, rounds: int, device: torch.device, amp: Op
     return rows
 
 
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """TF32 matmuls and convolutions inside the block only (the float32 peak and timm's step are measured with it, as
+    a GPU trainer runs); the process's settings are restored on leaving."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 def run(models: List[str], batch_sizes: List[int], rounds: int = 5, amp_mode: str = 'auto', compile_: bool = False,
         device: Optional[str] = None) -> Dict[str, Any]:
-    """The table as data (the campaign calls this)."""
+    """The table as data (the campaign calls this); TF32 on a GPU inside this call only."""
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    if dev.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    with tf32(dev.type == 'cuda'):
+        return _run(models, batch_sizes, rounds, amp_mode, compile_, dev)
+
+
+def _run(models: List[str], batch_sizes: List[int], rounds: int, amp_mode: str, compile_: bool,
+         dev: torch.device) -> Dict[str, Any]:
     amp = resolve_amp(amp_mode, dev)
     peak = measured_peak(dev, torch.bfloat16 if amp else torch.float32)
     info = dict(device=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'cpu ({torch.get_num_threads()} threads)',

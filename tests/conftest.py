@@ -118,6 +118,30 @@ def same_files(a, b, *names) -> None:
             assert torch.equal(x[k], y[k]), (name, k, (x[k].float() - y[k].float()).abs().max().item())
 
 
+def count_step_syncs(monkeypatch, run):
+    """``run()`` with the host syncs of each training step counted (``engine.HostSyncCounter``, labelled by the step;
+    the optimizer's step counters, host tensors on a GPU too, left out); returns {step: [ops]}."""
+    import ldae_models.engine.loop as L
+    opts = []
+    orig_build = L.build_optimizer
+
+    def build(*a, **k):
+        opts.append(orig_build(*a, **k))
+        return opts[-1]
+    monkeypatch.setattr(L, 'build_optimizer', build)
+    from ldae_models.engine import HostSyncCounter
+    counter = HostSyncCounter(ignore=lambda t: any(t is s.get('step') for o in opts for s in o.state.values()))
+    orig_lr = L.lr_at
+
+    def lr(step, *a, **k):  # the first call of a step: count from here
+        counter.label = step
+        return orig_lr(step, *a, **k)
+    monkeypatch.setattr(L, 'lr_at', lr)
+    with counter:
+        run()
+    return counter.counts
+
+
 def killer_script(command: str) -> str:
     """``python -c`` source that runs ``ldae-models COMMAND ARGS`` and SIGKILLs itself right after the checkpoint
     number ``$KILL_AFTER_SAVES`` is written (a hard kill, to test exact resume)."""

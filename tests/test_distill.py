@@ -15,7 +15,7 @@ from ldae_models import engine as E
 from ldae_models.cli import main
 from ldae_models.jobs import repfusion as D
 from ldae_models.jobs.repfusion import parts as R
-from conftest import Killed, free_port, kill_after_saves
+from conftest import Killed, count_step_syncs, free_port, kill_after_saves
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER_ARGS = json.dumps(dict(img_size=16, embed_dim=32, depth=2, num_heads=2, latent_dim=6))
@@ -345,3 +345,12 @@ def test_the_kd_losses_and_the_official_recipe():
     assert cfg.epochs == 3 and sources['epochs'] == 'flag' and set(sources) >= set(DISTILL_RECIPES['repfusion_cifar10'])
     with pytest.raises(ValueError, match="unknown recipe 'nope'"):
         distill_config('nope')
+
+
+def test_a_distillation_step_never_waits_for_the_host(folder, teacher, tmp_path, monkeypatch):
+    """No value read and no tensor from Python data in a step of stage 1 with a learned policy (the t histogram, the
+    reward baseline, the entropy schedule stay on the device or in Python)."""
+    counts = count_step_syncs(monkeypatch, lambda: D.distill(config(
+        folder, teacher, tmp_path / 'r', policy='reinforce', task_epochs=0, log_every=100, ckpt_every=100,
+        nan_check_every=100)))
+    assert {s: counts.get(s, []) for s in range(1, 9)} == {s: [] for s in range(1, 9)}

@@ -19,7 +19,7 @@ import ldae_models
 from ldae_models import engine as E
 from ldae_models.data import ImageData
 from ldae_models.jobs import pretrain as T
-from conftest import Killed, free_port, kill_after_saves, killer_script, same_files, tiny_config
+from conftest import Killed, count_step_syncs, free_port, kill_after_saves, killer_script, same_files, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_ARGS = json.dumps(dict(img_size=16, embed_dim=32, depth=2, num_heads=2, latent_dim=6))
@@ -343,51 +343,6 @@ def test_bad_arguments_are_refused_before_anything_is_written(folder, tmp_path):
 
 
 # -- the step itself: no host sync ---------------------------------------------------------------------------------
-
-_SYNCS = {'_local_scalar_dense', 'nonzero', 'masked_select', 'equal', 'is_nonzero', 'unique', '_unique2',
-          'repeat_interleave', 'lift_fresh', 'lift_fresh_copy'}
-
-
-class StepOps:
-    """Counts, per training step, the ops that make a GPU wait for the host or copy pageable host data to it: a read
-    of a tensor's value (``.item()``, ``bool()``, data-dependent shapes) and a tensor made from Python data
-    (``torch.tensor``). The optimizer's step counters are host tensors on a GPU too (non-capturable AdamW keeps
-    them on the CPU), so reading them is not counted."""
-
-    def __init__(self, host_tensors=()):
-        from torch.utils._python_dispatch import TorchDispatchMode
-        self.step, self.counts, self.host = -1, {}, host_tensors
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(mode, func, types, args=(), kwargs=None):
-                name = func._schema.name.split('::')[1]
-                if name in _SYNCS and not (args and any(args[0] is h for h in self.host())):
-                    self.counts.setdefault(self.step, []).append(name)
-                return func(*args, **(kwargs or {}))
-        self.mode = Mode()
-
-
-def count_step_syncs(monkeypatch, run):
-    """``run()`` with every op of each training step counted (``StepOps``); returns {step: [ops]}."""
-    import ldae_models.engine.loop as L
-    opts = []
-    orig_build = L.build_optimizer
-
-    def build(*a, **k):
-        opts.append(orig_build(*a, **k))
-        return opts[-1]
-    monkeypatch.setattr(L, 'build_optimizer', build)
-    ops = StepOps(lambda: [s['step'] for o in opts for s in o.state.values() if 'step' in s])
-    orig_lr = L.lr_at
-
-    def lr(step, *a, **k):  # the first call of a step: count from here
-        ops.step = step
-        return orig_lr(step, *a, **k)
-    monkeypatch.setattr(L, 'lr_at', lr)
-    with ops.mode:
-        run()
-    return ops.counts
-
 
 def test_a_training_step_never_waits_for_the_host(folder, tmp_path, monkeypatch):
     """Zero value reads and zero tensors from Python data in every step that is not a log, check or checkpoint step

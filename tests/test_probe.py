@@ -7,7 +7,7 @@ import torch
 import ldae_models
 from ldae_models.data import ImageData
 from ldae_models.probe import check_against_lbfgs, fit_linear_probe, knn_accuracy, pixel_features, random_counterpart
-from conftest import TINY, Killed, kill_after_saves, randomize_, smooth_images
+from conftest import TINY, Killed, count_step_syncs, kill_after_saves, randomize_, smooth_images
 
 
 def ill_conditioned(n=3000, d=24, classes=4, seed=0, lo=-1.5, hi=1.5):
@@ -154,3 +154,12 @@ def test_the_grid_plot_wraps_a_long_title(tmp_path, monkeypatch):
     long = 'ldae_vit_tiny_patch4_32.cifar10: linear probe top-1 (%) on CIFAR-10, clean input'
     plot_grid({(b, t): 50.0 + b for b in (3, 11) for t in (0, 10)}, str(tmp_path / 'g.png'), title=long)
     assert (tmp_path / 'g.png').is_file() and '\n' in titles[-1] and titles[-1].replace('\n', ' ') == long
+
+
+def test_a_mae_probe_step_never_waits_for_the_host(folder, tmp_path, monkeypatch):
+    from ldae_models.jobs.linprobe import LinProbeConfig, linprobe
+    enc = f'local-dir:{trained_encoder_folder(tmp_path)}'
+    counts = count_step_syncs(monkeypatch, lambda: linprobe(LinProbeConfig(
+        model=enc, data_root=str(folder), out=str(tmp_path / 'lp'), epochs=3, warmup_epochs=1, batch_size=8,
+        accum_steps=2, workers=0, quiet=True, log_every=100, ckpt_every=100, nan_check_every=100)))
+    assert {s: counts.get(s, []) for s in range(1, 14)} == {s: [] for s in range(1, 14)}

@@ -19,7 +19,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 __all__ = ['resolve_device', 'process_group', 'setup_distributed', 'resolve_amp', 'cpu_has_native_bf16',
-           'Float32DegenerateConvs', 'StopSignals', 'StopCheck', 'Preempted', 'PREEMPTED_EXIT_CODE', 'STOP_SIGNALS']
+           'Float32DegenerateConvs', 'StopSignals', 'StopCheck', 'Preempted', 'PREEMPTED_EXIT_CODE', 'STOP_SIGNALS',
+           'HostSyncCounter', 'HOST_SYNC_OPS']
 
 PREEMPTED_EXIT_CODE = 75  # what the command line exits with after a SIGTERM / SIGUSR1 checkpoint (EX_TEMPFAIL: requeue)
 STOP_SIGNALS = ('SIGTERM', 'SIGUSR1')  # a scheduler's notice: the run checkpoints at the next step and stops
@@ -241,3 +242,37 @@ class Preempted(Exception):
     def __init__(self, step: int, path: Path, signal_name: str) -> None:
         super().__init__(f'{signal_name}: stopped at step {step} with its checkpoint {path}; continue with --resume')
         self.step, self.path = step, path
+
+
+# ops that make a GPU wait for the host (a value read: .item(), bool(), data-dependent shapes) or that copy pageable
+# host data to it (a tensor made from Python data: torch.tensor)
+HOST_SYNC_OPS = frozenset({'_local_scalar_dense', 'nonzero', 'masked_select', 'equal', 'is_nonzero', 'unique',
+                           '_unique2', 'repeat_interleave', 'lift_fresh', 'lift_fresh_copy'})
+
+
+class HostSyncCounter:
+    """Counts, by ``label`` (set it as the work goes: e.g. the step), the ops of ``HOST_SYNC_OPS`` run inside the
+    ``with`` block, seen by a ``TorchDispatchMode``; ``ignore(tensor)`` leaves out reads of tensors that live on the
+    host on a GPU too (e.g. a non-capturable optimizer's step counters). A diagnostic: what the tests assert and
+    ``benchmarks/bench_host_syncs.py`` reports."""
+
+    def __init__(self, ignore: Any = lambda tensor: False) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        self.label: Any = None
+        self.counts: Dict[Any, List[str]] = {}
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func._schema.name.split('::')[-1]
+                if name in HOST_SYNC_OPS and not (args and torch.is_tensor(args[0]) and ignore(args[0])):
+                    counter.counts.setdefault(counter.label, []).append(name)
+                return func(*args, **(kwargs or {}))
+        self._mode = _Mode()
+
+    def __enter__(self) -> 'HostSyncCounter':
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._mode.__exit__(*exc)
