@@ -29,8 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description='Write the train and test splits of a data set as one .npz file in the layout '
                                    '--dataset npz reads ({split}_jpeg + {split}_offsets, y_{split}, classes): JPEG '
                                    'files are kept as they are, other images encoded as JPEG (--quality). '
-                                   '--max-train / --max-test keep a seeded subset, --max-bytes the largest seeded '
-                                   'subset (the same share of each split) that fits.')
+                                   '--max-train / --max-test keep a seeded subset; --max-bytes keeps the test split '
+                                   'whole where it can and the largest seeded subset of the train split that fits.')
     _data_flags(p, DATASETS)
     p.add_argument('--out', required=True, help='the .npz file to write')
     p.add_argument('--max-train', type=at_least(0), default=0, help='a seeded subset of the train split (0: all)')
@@ -115,11 +115,15 @@ def run_pack(args: argparse.Namespace) -> int:
                 blobs.append(_jpeg(data.item(i), args.quality))
                 bar.update(1)
         splits[split] = dict(blobs=blobs, labels=data.labels.numpy())
+    sizes = {s: np.cumsum([0] + [len(b) for b in v['blobs']]) for s, v in splits.items()}  # bytes of the first k
     keep = {s: len(v['blobs']) for s, v in splits.items()}
-    size = lambda: sum(sum(len(b) for b in v['blobs'][:keep[s]]) for s, v in splits.items())  # noqa: E731
-    while args.max_bytes and size() > args.max_bytes and any(keep.values()):
-        share = args.max_bytes / size()
-        keep = {s: min(k - 1, int(k * share)) if k else 0 for s, k in keep.items()}
+    if args.max_bytes and sizes['train'][-1] + sizes['test'][-1] > args.max_bytes:
+        room = args.max_bytes - sizes['test'][-1]  # the train split gives way first: the test split stays whole
+        if room > 0:
+            keep['train'] = int(np.searchsorted(sizes['train'], room, side='right')) - 1
+        else:
+            keep['train'] = 0
+            keep['test'] = int(np.searchsorted(sizes['test'], args.max_bytes, side='right')) - 1
     arrays = dict(classes=np.array(classes))
     for s, v in splits.items():
         blobs = v['blobs'][:keep[s]]

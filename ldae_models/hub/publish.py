@@ -196,8 +196,8 @@ def push_to_hub(model: nn.Module, repo_id: str, private: bool = False, token: Op
 def save_sharded(state: Dict[str, torch.Tensor], save_dir: PathLike, max_shard_bytes: int = 15 << 20,
                  metadata: Optional[Dict[str, str]] = None) -> Path:
     """Write a state dict as safetensors shards of at most ``max_shard_bytes`` (a tensor larger than that gets a
-    shard of its own) and Hugging Face's index ``model.safetensors.index.json``, which ``read_checkpoint`` and every
-    ``file=`` source read. Returns the index's path."""
+    shard of its own) and Hugging Face's index ``model.safetensors.index.json`` (``metadata`` in every shard and in the
+    index), which ``read_checkpoint`` and every ``file=`` source read. Returns the index's path."""
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     shards, current, size = [], {}, 0
@@ -216,5 +216,6 @@ def save_sharded(state: Dict[str, torch.Tensor], save_dir: PathLike, max_shard_b
         weight_map.update({k: name for k in shard})
     index = save_dir / SHARDED_NAME
     total = sum(v.numel() * v.element_size() for v in state.values())
-    index.write_text(json.dumps(dict(metadata=dict(total_size=total), weight_map=weight_map), indent=2) + '\n')
+    index.write_text(json.dumps(dict(metadata=dict(total_size=total, **(metadata or {})), weight_map=weight_map),
+                                indent=2) + '\n')
     return index
