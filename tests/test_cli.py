@@ -12,7 +12,7 @@ from conftest import randomize_, rel_err, smooth_images
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ['features', 'denoise', 'demo', 'train', 'distill', 'extract', 'probe', 'linprobe', 'check-data', 'pack',
-            'list', 'info', 'convert', 'export']
+            'list', 'info', 'convert', 'export', 'timm']
 
 
 @pytest.mark.parametrize('cmd', COMMANDS)

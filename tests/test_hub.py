@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ldae_models
+from ldae_models.hub.sources import resolve_file
 from ldae_models.hub import (CheckpointError, CheckpointMismatchError, ChecksumError, SourceError, WeightSource,
                              cfg_sha256, read_checkpoint, sha256_note, sha256_of, weight_source)
 from conftest import TINY, fake_hf_cache, randomize_, rel_err, smooth_images
@@ -140,7 +141,7 @@ def test_checkpoint_of_another_model_is_reported(trained, tmp_path):
               str(other))
     with pytest.raises(CheckpointMismatchError, match='missing keys.*t_embedder') as e:
         create(pretrained_cfg_overlay=dict(file=str(other)))
-    assert 'unexpected keys: blocks.0.norm1.bias' in str(e.value) and '(133 in all)' in str(e.value)
+    assert 'unexpected keys: blocks.0.norm1.bias' in str(e.value) and '(131 in all)' in str(e.value)  # not its head
     with pytest.raises(CheckpointMismatchError, match=r'shape mismatches: pos_embed.*patch_embed.proj.weight: checkpoint \(32, 3, 4, 4\) vs model \(64, 3, 4, 4\)'):
         create(pretrained_cfg_overlay=dict(file=str(trained['paths']['safetensors'])), embed_dim=64)
 
@@ -153,14 +154,16 @@ def test_position_embedding_resampled_and_new_head(trained):
 
 
 def test_packaged_file_source(trained, monkeypatch, tmp_path):
-    """A tag whose ``file`` is shipped inside the package: resolved under ldae_models/weights, sha256 checked."""
+    """A tag whose ``file`` is shipped inside the package: the same string on every machine (not an absolute path),
+    resolved under the installed package's ldae_models/weights, sha256 checked."""
     from ldae_models.hub import sources as S
     monkeypatch.setattr(S, 'PACKAGE_WEIGHTS_DIR', tmp_path)
-    path = Path(S.packaged_file('tiny.safetensors'))
-    assert path.parent == tmp_path
+    name = S.packaged_file('tiny.safetensors')
+    assert name == 'ldae_models/weights/tiny.safetensors' and S.resolve_file(name) == tmp_path / 'tiny.safetensors'
+    path = S.resolve_file(name)
     path.write_bytes(trained['paths']['safetensors'].read_bytes())
-    cfg = dict(file=str(path), notes=(sha256_note(sha256_of(path)),))
-    assert weight_source(cfg) == WeightSource('file', str(path), None, sha256_of(path))
+    cfg = dict(file=name, notes=(sha256_note(sha256_of(path)),))
+    assert weight_source(cfg) == WeightSource('file', name, None, sha256_of(path))
     assert weight_source(cfg).available_offline()
     assert same_weights(create(pretrained_cfg_overlay=cfg), trained['enc_sd'])
 
@@ -248,8 +251,8 @@ def test_every_listed_tag_has_real_bytes():
         cfg = timm.models.get_pretrained_cfg(name).to_dict()
         assert cfg.get('file') or cfg.get('hf_hub_id') or cfg.get('url')
         if cfg.get('file'):
-            assert Path(cfg['file']).is_file(), name
-            assert cfg_sha256(cfg) == sha256_of(cfg['file']), name
+            assert (resolve_file(cfg['file'])).is_file(), name
+            assert cfg_sha256(cfg) == sha256_of(resolve_file(cfg['file'])), name
 
 
 # -- publishing ---------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import ldae_models
+from ldae_models.hub.sources import resolve_file
 from ldae_models.hub import CheckpointError, ChecksumError, WeightSource, cfg_sha256, sha256_of, weight_source
 from conftest import rel_err, smooth_images
 
@@ -19,7 +20,9 @@ def cfg():
 
 
 def test_tag_is_packaged_and_default(cfg):
-    path = Path(cfg['file'])
+    from ldae_models.hub.sources import resolve_file
+    assert cfg['file'] == 'ldae_models/weights/ldae_vit_tiny_patch4_32.cifar10.safetensors'  # the same everywhere
+    path = resolve_file(cfg['file'])
     assert path.is_file() and path.parent == Path(ldae_models.__file__).parent / 'weights'
     assert cfg_sha256(cfg) == sha256_of(path)
     assert cfg['license'] == 'apache-2.0' and cfg['num_classes'] == 0
@@ -71,7 +74,7 @@ def test_full_dae_denoises():
 
 def test_overlay_file_is_not_checked_against_the_tags_sha256(cfg, tmp_path):
     """Your own file on the tag's architecture loads; a damaged copy given with the tag's sha256 is refused."""
-    sd = load_file(cfg['file'])
+    sd = load_file(str(resolve_file(cfg['file'])))
     other = tmp_path / 'other.safetensors'
     from safetensors.torch import save_file
     key = 'encoder.patch_embed.proj.bias'
@@ -79,7 +82,7 @@ def test_overlay_file_is_not_checked_against_the_tags_sha256(cfg, tmp_path):
     m = timm.create_model(TAG, pretrained=True, merged=False, pretrained_cfg_overlay=dict(file=str(other)))
     assert torch.equal(m.patch_embed.proj.bias, sd[key].float() * 0.5)
     damaged = tmp_path / 'damaged.safetensors'
-    data = Path(cfg['file']).read_bytes()
+    data = resolve_file(cfg['file']).read_bytes()
     damaged.write_bytes(data[:len(data) // 2])  # truncated
     with pytest.raises(CheckpointError, match='truncated or corrupt'):
         timm.create_model(TAG, pretrained=True, pretrained_cfg_overlay=dict(file=str(damaged)))
@@ -89,7 +92,7 @@ def test_overlay_file_is_not_checked_against_the_tags_sha256(cfg, tmp_path):
     with pytest.raises(ChecksumError, match='sha256 mismatch'):
         WeightSource('file', str(flipped), sha256=cfg_sha256(cfg)).fetch()
     assert flipped.exists()  # a file of the user's is reported, not deleted
-    assert weight_source(cfg).fetch() == Path(cfg['file'])
+    assert weight_source(cfg).fetch() == resolve_file(cfg['file'])
 
 
 def test_create_dae_errors_name_the_problem():

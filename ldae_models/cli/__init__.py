@@ -7,6 +7,7 @@ its parser and its run; this file dispatches.
     ldae-models extract | probe | linprobe    # features, the fast probe, MAE's probe          # cli/extract.py ...
     ldae-models check-data | pack             # unreadable images; a data set as one .npz     # cli/data.py
     ldae-models list | info NAME | convert SRC DST | export NAME DST                          # cli/zoo.py
+    ldae-models timm train.py ARGS           # one of timm's scripts, the zoo registered      # cli/timm_scripts.py
 
 A mistake (a missing file, an unknown model, a bad argument) is answered with one line naming it and exit status 2;
 ``--debug`` (or ``LDAE_MODELS_DEBUG=1``) shows the traceback instead. A run stopped by SIGTERM / SIGUSR1 after its
@@ -18,13 +19,13 @@ import sys
 import typing
 from typing import List, Optional
 
-from . import data, demo, distill, extract, linprobe, probe, train, zoo
+from . import data, demo, distill, extract, linprobe, probe, timm_scripts, train, zoo
 from .common import DEFAULT_MODEL
 
 __all__ = ['main', 'build_parser', 'DEFAULT_MODEL']
 
 _USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)  # ImportError: those that say what to install
-_COMMANDS = (demo, train, distill, extract, probe, linprobe, data, zoo)  # in the order of `ldae-models --help`
+_COMMANDS = (demo, train, distill, extract, probe, linprobe, data, zoo, timm_scripts)  # in the order of `ldae-models --help`
 
 
 class _Parser(argparse.ArgumentParser):

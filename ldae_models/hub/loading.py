@@ -11,6 +11,7 @@
 5. the state dict is loaded strictly: any missing key, unexpected key or shape mismatch raises a
    ``CheckpointMismatchError`` listing them all, instead of a silent partial load.
 """
+import argparse
 import pickle
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -80,7 +81,7 @@ def read_checkpoint(path: PathLike) -> Dict[str, Any]:
         except Exception as e:  # noqa: BLE001 -- SafetensorError, OSError, ...: one message naming the file
             raise CheckpointError(f'{path} is not a readable safetensors file (truncated or corrupt?): {e}') from None
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
+        state = _torch_load(path)
     except pickle.UnpicklingError as e:
         unsafe = [ln.strip() for ln in str(e).splitlines() if 'Unsupported global' in ln]
         if unsafe:
@@ -97,6 +98,20 @@ def read_checkpoint(path: PathLike) -> Dict[str, Any]:
     return state
 
 
+# Plain data classes a training checkpoint may hold besides tensors and containers: timm's train.py saves its
+# arguments as an argparse.Namespace (a bag of plain values; unpickling it runs no code of the file's).
+SAFE_CLASSES = (argparse.Namespace,)
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, with ``SAFE_CLASSES`` allowed where this torch can allow classes."""
+    allow = getattr(torch.serialization, 'safe_globals', None)
+    if allow is None:  # torch < 2.5: tensors and containers only
+        return torch.load(path, map_location='cpu', weights_only=True)
+    with allow(list(SAFE_CLASSES)):
+        return torch.load(path, map_location='cpu', weights_only=True)
+
+
 def _tensor_dict(value: Any) -> bool:
     return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
 
@@ -105,11 +120,15 @@ def unwrap_state_dict(checkpoint: Dict[str, Any], prefer_ema: bool = True) -> Di
     """The state dict inside a training checkpoint, wrapper prefixes stripped.
 
     Looks under the EMA keys first (``ema``, ``model_ema``, ``EMA``) when ``prefer_ema``, then ``model``,
-    ``state_dict``, ``MODEL``, ``module``; keys lose ``module.`` (DDP) and ``_orig_mod.`` (torch.compile); entries
-    that are not tensors (step counters, arguments) are dropped. A plain state dict passes through.
+    ``state_dict``, ``MODEL``, ``module``; keys lose ``module.`` (DDP) and ``_orig_mod.`` (torch.compile); an encoder
+    saved with its VAE in front keeps the encoder's (``model.*``); entries that are not tensors (step counters,
+    arguments) are dropped. A plain state dict passes through.
     """
     keys = (_EMA_KEYS if prefer_ema else ()) + _MODEL_KEYS + (() if prefer_ema else _EMA_KEYS)
     sd = next((checkpoint[k] for k in keys if _tensor_dict(checkpoint.get(k))), checkpoint)
+    if any(k.startswith('vae.') for k in sd) and any(k.startswith('model.') for k in sd):
+        # an encoder saved with its VAE in front (``vae=``): the encoder's weights; the VAE is loaded by name
+        sd = {k[len('model.'):]: v for k, v in sd.items() if k.startswith('model.')}
     out = {}
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
@@ -164,33 +183,43 @@ def _adapt_first_conv(model: nn.Module, state: Dict[str, torch.Tensor], first_co
     return {**state, key: adapt_input_conv(mine.shape[1], theirs)}
 
 
+def read_pretrained(pretrained_cfg: Dict[str, Any], cache_dir: Optional[PathLike] = None
+                    ) -> Tuple[Dict[str, torch.Tensor], str]:
+    """(the unwrapped state dict, where it came from) of the weights a pretrained cfg names."""
+    cfg = dict(pretrained_cfg)
+    if cfg.get('state_dict') is not None:
+        return unwrap_state_dict(cfg['state_dict']), 'state_dict'
+    source = weight_source(cfg)
+    if source is None:
+        name = cfg.get('architecture', 'this model') + (f".{cfg['tag']}" if cfg.get('tag') else '')
+        raise SourceError(f'no pretrained weights exist for {name}; use pretrained=False, or '
+                          f'pretrained_cfg_overlay=dict(file=...) for your own file')
+    path = source.fetch(cache_dir)
+    return unwrap_state_dict(read_checkpoint(path)), str(path)
+
+
 def load_pretrained(
         model: nn.Module,
         pretrained_cfg: Dict[str, Any],
         filter_fn: Optional[FilterFn] = None,
         cache_dir: Optional[PathLike] = None,
+        weights: Optional[Tuple[Dict[str, torch.Tensor], str]] = None,
 ) -> nn.Module:
-    """Load the weights a pretrained cfg names into ``model`` (the steps are in the module docstring)."""
+    """Load the weights a pretrained cfg names (or ``weights``: ``read_pretrained``'s answer) into ``model`` (the
+    steps are in the module docstring). The file's classifier is loaded where its shape is the model's head's; a head
+    of another size (or none in the model) starts fresh."""
     cfg = dict(pretrained_cfg)
-    if cfg.get('state_dict') is not None:
-        state, what = cfg['state_dict'], 'state_dict'
-    else:
-        source = weight_source(cfg)
-        if source is None:
-            name = cfg.get('architecture', 'this model') + (f".{cfg['tag']}" if cfg.get('tag') else '')
-            raise SourceError(f'no pretrained weights exist for {name}; use pretrained=False, or '
-                              f'pretrained_cfg_overlay=dict(file=...) for your own file')
-        path = source.fetch(cache_dir)
-        state, what = read_checkpoint(path), str(path)
-    state = unwrap_state_dict(state)
+    state, what = weights if weights is not None else read_pretrained(cfg, cache_dir)
     if filter_fn is not None:
         state = filter_fn(state, model)
     state = _adapt_first_conv(model, state, cfg.get('first_conv'))
     allow_missing: Tuple[str, ...] = ()
     classifier = cfg.get('classifier')
-    if classifier and getattr(model, 'num_classes', None) != cfg.get('num_classes', getattr(model, 'num_classes', None)):
-        # a new head: drop the checkpoint's classifier and keep the model's fresh one
-        state = {k: v for k, v in state.items() if not k.startswith(classifier + '.')}
-        allow_missing = (classifier + '.',)
+    if classifier:
+        own = model.state_dict()
+        theirs = [k for k in state if k.startswith(classifier + '.')]
+        if not (theirs and all(k in own and own[k].shape == state[k].shape for k in theirs)):
+            state = {k: v for k, v in state.items() if k not in theirs}  # another head (or none): the model's own
+            allow_missing = (classifier + '.',)
     load_state_dict_strict(model, state, what=what, allow_missing=allow_missing)
     return model

@@ -53,9 +53,21 @@ class ChecksumError(SourceError):
     """The bytes of a checkpoint do not have the sha256 their source names."""
 
 
+PACKAGED_PREFIX = 'ldae_models/weights/'  # a tag's ``file`` inside the package: the same string on every machine
+
+
 def packaged_file(name: str) -> str:
-    """Path of a weight file shipped inside the package (``ldae_models/weights/NAME``)."""
-    return str(PACKAGE_WEIGHTS_DIR / name)
+    """The ``file`` of a pretrained cfg for a weight file shipped inside the package: ``ldae_models/weights/NAME``,
+    resolved under the installed package (``resolve_file``), wherever that is."""
+    return PACKAGED_PREFIX + name
+
+
+def resolve_file(location: str) -> Path:
+    """A cfg's ``file`` as a path: a packaged file (``ldae_models/weights/NAME``) under the installed package's weights
+    folder, wherever the package is; anything else as given."""
+    if location.startswith(PACKAGED_PREFIX):
+        return PACKAGE_WEIGHTS_DIR / location[len(PACKAGED_PREFIX):]
+    return Path(location)
 
 
 def sha256_note(digest: str) -> str:
@@ -167,7 +179,7 @@ class FileSource(WeightSource):
     downloads = False
 
     def _local(self, cache_dir: Optional[PathLike]) -> Path:
-        path = Path(self.location)
+        path = resolve_file(self.location)
         if path.is_dir():
             path = next((path / n for n in (SAFETENSORS_NAME, SHARDED_NAME, PICKLE_NAME) if (path / n).is_file()), path)
             if path.is_dir():
@@ -177,7 +189,7 @@ class FileSource(WeightSource):
         return path
 
     def available_offline(self, cache_dir: Optional[PathLike] = None) -> bool:
-        return Path(self.location).exists()
+        return resolve_file(self.location).exists()
 
 
 class HubSource(WeightSource):

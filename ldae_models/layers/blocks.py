@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import Attention, Mlp
+from timm.layers import Attention, DropPath, Mlp
 from timm.layers.activations import GELUTanh
 
 __all__ = ['modulate', 'adaln_modulation', 'AdaLNBlock', 'FinalLayer', 'LN_EPS', 'init_adaln_weights', 'init_dit_weights']
@@ -49,13 +49,17 @@ class AdaLNBlock(nn.Module):
             cond_dim: Optional[int] = None,             # width of c (default W)
             adaln_hidden_ratio: Optional[float] = None,  # None: DiT's one Linear; 0.25: l-DAE's MLP
             mlp_norm_eps: float = LN_EPS,               # eps of norm2 (diffusers' DiT uses 1e-5 here)
+            drop_path: float = 0.0,                     # stochastic depth of both branches (timm's Block's)
+            attn_drop: float = 0.0,                     # dropout of the attention weights
+            proj_drop: float = 0.0,                     # dropout after the attention and MLP projections
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=LN_EPS)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=True)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=True, attn_drop=attn_drop, proj_drop=proj_drop)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=mlp_norm_eps)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=GELUTanh)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=GELUTanh, drop=proj_drop)
         self.adaLN_modulation = adaln_modulation(dim, cond_dim or dim, 6, adaln_hidden_ratio)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def modulation(self, c: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """(shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (B, 1, W)."""
@@ -63,8 +67,14 @@ class AdaLNBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
-        x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))  # x + gate * branch
-        return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))  # (B, N, W)
+        x = self._residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
+        return self._residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))  # (B, N, W)
+
+    def _residual(self, x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """``x + gate * branch``: one fused kernel, or with stochastic depth on the gated branch."""
+        if isinstance(self.drop_path, nn.Identity):
+            return torch.addcmul(x, gate, branch)
+        return x + self.drop_path(gate * branch)
 
 
 class FinalLayer(nn.Module):

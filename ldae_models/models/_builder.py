@@ -6,10 +6,10 @@ which build through ``build_model``:
 
 1. the model is built with timm's ``build_model_with_cfg`` (on the meta device when it is about to be replaced
    by a merged skeleton: a merged model without weights needs no fold of random numbers);
-2. weights load through ``hub.load_pretrained`` (sha256, safe reading, strict load), or the cfg is stripped of
-   what it says about weights, so that nothing saved from a random model claims to be a checkpoint;
+2. weights load through ``hub.load_pretrained`` (sha256, safe reading, strict load); a merged encoder's own
+   checkpoint (a plain timm ViT: what timm's fine-tuning writes) loads straight into the merged model;
 3. a mergeable encoder is merged at its t (``merged=True``, the default), the input stage is added
-   (``vae=``, ``noisy_input=``), ``features_only`` wraps it;
+   (``vae=``: then the input is RGB images, ``noisy_input=``), ``features_only`` wraps it;
 4. the call's model arguments are recorded (``_model_args``) for ``save_pretrained``.
 
 ``pretrained_cfg_for(name)`` resolves a name to its cfg (``arch``, ``arch.tag``, alias), ``names_weights(name)`` says
@@ -25,8 +25,8 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models._builder import pretrained_cfg_for_features
 from timm.models._features import FeatureGetterNet
 
-from ..hub.loading import FilterFn, load_pretrained
-from ..hub.sources import strip_weights_info, weight_source
+from ..hub.loading import FilterFn, load_pretrained, read_pretrained
+from ..hub.sources import weight_source
 
 __all__ = ['build_model', 'load_model', 'full_model', 'register_family', 'list_models', 'pretrained_cfg_for', 'names_weights', 'has_weights',
            'split_name', 'NOT_MODEL_ARGS']
@@ -49,7 +49,11 @@ def register_family(family: str, module: str, names: Dict[str, str], create: Cal
     ``full_model(name, pretrained=False, checkpoint=None, **kwargs)`` builds the family's whole model (the DAE, the
     full DiT, the UNet): what trains and what ``full_model`` returns.
     """
+    import sys
+    cfgs = sys.modules[module].default_cfgs
     for name, variant in names.items():
+        if name != variant and name not in cfgs and variant in cfgs:  # an alias: its variant's cfgs, under its name
+            cfgs[name] = cfgs[variant]
         def entrypoint(pretrained: bool = False, _variant: str = variant, **kwargs: Any) -> nn.Module:
             return create(_variant, pretrained=pretrained, **kwargs)
         entrypoint.__name__ = entrypoint.__qualname__ = name
@@ -190,8 +194,16 @@ def _build(cls: Type[nn.Module], variant: str, pretrained: bool, kwargs: Dict[st
     vae = kwargs.pop('vae', None)
     vae_sample = kwargs.pop('vae_sample', False)
     noisy_input = kwargs.pop('noisy_input', None)  # None: the model's own default
-    if vae is not None and input_stage is None:
-        raise ValueError(f'{variant}: vae= is for latent-diffusion encoders (DiT)')
+    if vae is not None:
+        if input_stage is None:
+            raise ValueError(f'{variant}: vae= is for latent-diffusion encoders (DiT)')
+        from .wrappers import load_vae
+        vae = load_vae(vae)
+        latent = int(getattr(getattr(vae, 'config', None), 'latent_channels', 4))
+        if kwargs.get('in_chans', 3) not in (3, latent):  # timm's scripts pass in_chans=3: the images' channels
+            raise ValueError(f'{variant} with vae=: the input is RGB images (in_chans=3), got in_chans='
+                             f'{kwargs["in_chans"]}')
+        kwargs['in_chans'] = latent  # what the encoder behind the VAE takes
 
     skeleton = merged and not pretrained
     with torch.device('meta') if skeleton else contextlib.nullcontext():
@@ -202,16 +214,21 @@ def _build(cls: Type[nn.Module], variant: str, pretrained: bool, kwargs: Dict[st
     if merged and noisy_input and not base.noise_is_schedule_only:
         raise ValueError(f"{variant}: a merged l-DAE encoder cannot add l-DAE's latent noise (the PCA tokenizer stays "
                          f'with the conditional encoder): pass merged=False with noisy_input=True')
-    cfg = dict(base.pretrained_cfg)
-    cfg['input_size'] = base.input_size() if hasattr(base, 'input_size') else cfg.get('input_size')
-    if hasattr(base, 'pool_size'):  # a model whose features are maps (a UNet's out_k)
-        cfg['pool_size'] = base.pool_size()
+    cfg = _model_cfg(base)
+    model = base
     if pretrained:
-        load_pretrained(base, cfg, filter_fn=filter_fn, cache_dir=cache_dir)
-    else:
-        cfg = strip_weights_info(cfg)
+        _warn_pixels_for_latent_weights(variant, cfg, base, vae)
+        weights = read_pretrained(cfg, cache_dir)
+        if merged and _merged_form(weights[0]):  # a merged (plain timm ViT) checkpoint: timm's fine-tuned weights
+            from timm.models.vision_transformer import checkpoint_filter_fn as vit_filter
+            model = base.merged_skeleton()
+            load_pretrained(model, cfg, filter_fn=vit_filter, weights=weights)
+        else:
+            load_pretrained(base, cfg, filter_fn=filter_fn, weights=weights)
+            model = base.merge() if merged else base
+    elif merged:
+        model = base.merged_skeleton()
     base.pretrained_cfg = base.default_cfg = cfg
-    model = (base.merge() if pretrained else base.merged_skeleton()) if merged else base
     model.pretrained_cfg = model.default_cfg = cfg
     if vae is not None or (merged and noisy_input):
         from .wrappers import DiffusionInput
@@ -225,16 +242,53 @@ def _build(cls: Type[nn.Module], variant: str, pretrained: bool, kwargs: Dict[st
     return model
 
 
+def _model_cfg(base: nn.Module) -> Dict[str, Any]:
+    """The pretrained cfg of a built model: its default tag's (as timm's models carry, weights or not), with the input
+    the model really takes (its channels and size; the mean and std of as many channels)."""
+    cfg = dict(base.pretrained_cfg)
+    if hasattr(base, 'input_size'):
+        cfg['input_size'] = tuple(base.input_size())
+    channels = cfg['input_size'][0] if cfg.get('input_size') else None
+    if channels and len(cfg.get('mean') or ()) != channels:  # another in_chans than the tag's
+        if channels == 3:  # images in [-1, 1], as every pixel model of the zoo takes them
+            cfg['mean'], cfg['std'] = (0.5,) * 3, (0.5,) * 3
+        else:
+            cfg['mean'], cfg['std'] = (cfg['mean'][0],) * channels, (cfg['std'][0],) * channels
+    if hasattr(base, 'pool_size'):  # a model whose features are maps (a UNet's out_k)
+        cfg['pool_size'] = base.pool_size()
+    return cfg
+
+
+def _merged_form(state: Dict[str, torch.Tensor]) -> bool:
+    """Whether a state dict is a merged encoder's (a plain timm ViT: affine norms, no adaLN modulation, no timestep
+    MLP), as timm's fine-tuning writes it, rather than the conditional encoder's."""
+    return 'blocks.0.norm1.weight' in state and not any('adaLN_modulation' in k or k.startswith('t_embedder.')
+                                                          for k in state)
+
+
+def _warn_pixels_for_latent_weights(variant: str, cfg: Dict[str, Any], base: nn.Module, vae: Any) -> None:
+    """Weights trained on latents, loaded into a model that takes pixels without a VAE: said, not silent."""
+    import warnings
+    tag_chans = base.pretrained_cfg.get('input_size', (None,))[0]
+    if vae is None and getattr(base, 'latent_input', False) and cfg['input_size'][0] != tag_chans:
+        warnings.warn(f'{variant}: its weights take SD-VAE latents ({tag_chans} channels); in_chans='
+                      f'{cfg["input_size"][0]} adapts the first convolution (timm\'s adapt_input_conv), which is not '
+                      f'what they were trained on. To feed images, pass vae="stabilityai/sd-vae-ft-ema" (timm\'s '
+                      f'train.py: --model-kwargs vae=stabilityai/sd-vae-ft-ema)', stacklevel=3)
+
+
 def features_only_net(model: nn.Module, out_indices: Any, feature_cls: Optional[str] = None) -> nn.Module:
     """timm's ``features_only`` form. ``feature_cls`` None or ``'getter'``: the model's own (a UNet's decoder maps),
-    else timm's getter on ``forward_intermediates`` (NCHW maps). ``'fx'``: timm's graph extractor on a torch.fx trace,
-    for the models fx can trace (the merged encoders: their blocks' token outputs, (B, N, C)); the others refuse it
-    with the reason."""
+    else timm's getter on ``forward_intermediates`` (NCHW maps). ``'fx'``: a graph extractor on a torch.fx trace, for
+    the models fx can trace (the merged encoders: their blocks' token outputs, (B, N, C); a UNet without noisy input:
+    its decoder maps); the others refuse it with the reason."""
     cfg = model.pretrained_cfg
     if feature_cls not in (None, 'getter', 'fx'):
         raise ValueError(f"feature_cls={feature_cls!r} is not available for {type(model).__name__}: use 'getter' "
                          f"(the default, from forward_intermediates) or 'fx'")
-    if feature_cls == 'fx':
+    if feature_cls == 'fx' and hasattr(model, 'features_only_net') and getattr(model, 'fx_traceable', False):
+        net = model.features_only_net(out_indices, feature_cls)  # a model that builds its own (a UNet's decoder)
+    elif feature_cls == 'fx':
         if not getattr(model, 'fx_traceable', False):
             raise ValueError(f"feature_cls='fx' needs a model torch.fx can trace; {type(model).__name__} cannot: "
                              + getattr(model, 'fx_reason', 'its forward branches on values in Python')

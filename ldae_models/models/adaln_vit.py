@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import PatchEmbed, resample_abs_pos_embed
+from timm.layers import PatchDropout, PatchEmbed, resample_abs_pos_embed
 from timm.models import VisionTransformer
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
@@ -27,15 +27,9 @@ from torch.utils.checkpoint import checkpoint
 from ..layers.blocks import AdaLNBlock, LN_EPS, init_dit_weights
 from ..layers.embed import TimestepEmbedder, sincos_pos_embed_2d
 from ..layers.schedules import NoiseSchedule, TimestepLike, create_schedule
-from .extractor import FeatureExtractor
+from .extractor import FeatureExtractor, is_fx_tracing
 
 __all__ = ['AdaLNViT', 'MergedViT']
-
-
-def _is_fx_tracing() -> bool:
-    """Whether torch.fx is tracing (shape checks in Python would branch on traced values)."""
-    from torch.fx import _symbolic_trace as fx
-    return (getattr(fx, 'is_fx_symbolic_tracing', None) or fx.is_fx_tracing)()
 
 
 def _tokens_to_maps(tokens: List[torch.Tensor], grid: Tuple[int, int]) -> List[torch.Tensor]:
@@ -80,7 +74,7 @@ class MergedViT(FeatureExtractor, VisionTransformer):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # Eager calls check the input with a message that names the problem (timm's ViT asserts). The check lives
         # here, not in forward, so that forward is timm's own: torch.fx traces it and TorchScript scripts it.
-        if args and torch.is_tensor(args[0]) and not _is_fx_tracing():
+        if args and torch.is_tensor(args[0]) and not is_fx_tracing():
             self.encode_input(args[0])
         return super().__call__(*args, **kwargs)
 
@@ -149,10 +143,19 @@ class AdaLNViT(FeatureExtractor, nn.Module):
             dynamic_img_size: bool = False,                # accept other sizes, resampling positions
             drop_rate: float = 0.0,                        # dropout before the head
             mlp_norm_eps: float = LN_EPS,                  # eps of each block's norm2
+            drop_path_rate: float = 0.0,                   # stochastic depth, 0 at the first block to this at the last
+            attn_drop_rate: float = 0.0,                   # dropout of the attention weights
+            proj_drop_rate: float = 0.0,                   # dropout after the attention and MLP projections
+            pos_drop_rate: float = 0.0,                    # dropout of the tokens after the position embedding
+            patch_drop_rate: float = 0.0,                  # share of patch tokens dropped in training (timm's)
+            drop_block_rate: Optional[float] = None,       # timm's flag for convolutional nets: refused here
     ) -> None:
         super().__init__()
         if global_pool not in ('avg', ''):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        if drop_block_rate:
+            raise ValueError(f'drop_block_rate={drop_block_rate}: DropBlock is for convolutional feature maps; a ViT '
+                             f'takes drop_path_rate (stochastic depth), drop_rate, attn_drop_rate, proj_drop_rate')
         self.schedule = create_schedule(schedule, **(schedule_args or {}))
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -165,16 +168,24 @@ class AdaLNViT(FeatureExtractor, nn.Module):
         self.generator: Optional[torch.Generator] = None  # seeds forward's noise when noisy_input
         self._arch_args: Dict[str, Any] = dict(
             patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
+        # regularisation in training, timm's ViT's arguments (the merged ViT gets the same)
+        self._drop_args: Dict[str, float] = dict(
+            drop_rate=drop_rate, drop_path_rate=drop_path_rate, attn_drop_rate=attn_drop_rate,
+            proj_drop_rate=proj_drop_rate, pos_drop_rate=pos_drop_rate, patch_drop_rate=patch_drop_rate)
 
         embed_args = dict(strict_img_size=False, output_fmt='NHWC') if dynamic_img_size else {}
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                       embed_dim=embed_dim, **embed_args)
         # Fixed sin-cos positions: a buffer kept in the state dict (DiT stores it too).
         self.register_buffer('pos_embed', sincos_pos_embed_2d(embed_dim, self.patch_embed.grid_size)[None])  # (1,N,W)
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        self.patch_drop = PatchDropout(patch_drop_rate, num_prefix_tokens=0) if patch_drop_rate > 0 else nn.Identity()
         self.t_embedder = TimestepEmbedder(embed_dim)
+        dpr = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]  # rising with depth, as timm's ViT
         self.blocks = nn.ModuleList([
-            AdaLNBlock(embed_dim, num_heads, mlp_ratio, adaln_hidden_ratio=adaln_hidden_ratio, mlp_norm_eps=mlp_norm_eps)
-            for _ in range(depth)])
+            AdaLNBlock(embed_dim, num_heads, mlp_ratio, adaln_hidden_ratio=adaln_hidden_ratio, mlp_norm_eps=mlp_norm_eps,
+                       drop_path=dpr[i], attn_drop=attn_drop_rate, proj_drop=proj_drop_rate)
+            for i in range(depth)])
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
@@ -240,14 +251,14 @@ class AdaLNViT(FeatureExtractor, nn.Module):
         return self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> tokens (B, N, W) with positions."""
+        """Images (B, C, H, W) -> tokens (B, N, W) with positions (and, in training, timm's position dropout)."""
         x = self.patch_embed(x)
         if self.dynamic_img_size:  # same resampling as timm's ViT, so merged and conditional agree
             B, H, W, C = x.shape
             pos = resample_abs_pos_embed(self.pos_embed, new_size=(H, W), old_size=self.patch_embed.grid_size,
                                          num_prefix_tokens=0)
-            return x.view(B, -1, C) + pos
-        return x + self.pos_embed
+            return self.pos_drop(x.view(B, -1, C) + pos)
+        return self.pos_drop(x + self.pos_embed)
 
     def run_block(self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
@@ -255,11 +266,14 @@ class AdaLNViT(FeatureExtractor, nn.Module):
         return blk(x, c)
 
     def _run(self, x: torch.Tensor, t: torch.Tensor, take: Sequence[int] = (), blocks: Optional[Sequence] = None,
-             stop: Optional[int] = None, **cond: Any) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+             stop: Optional[int] = None, drop_patches: bool = False, **cond: Any) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Embed, condition on a checked (B,) t and run ``blocks`` (default: this encoder's), the first ``stop`` of
-        them when given; returns (the last tokens, the tokens after each block in ``take``)."""
+        them when given; returns (the last tokens, the tokens after each block in ``take``). ``drop_patches``: timm's
+        patch dropout in training (pooled features only: maps need every token)."""
         blocks = list(self.blocks if blocks is None else blocks)[:stop]
         x = self.embed(x)
+        if drop_patches:
+            x = self.patch_drop(x)
         c = self.condition(t, **cond)
         out = []
         for i, blk in enumerate(blocks):
@@ -282,7 +296,7 @@ class AdaLNViT(FeatureExtractor, nn.Module):
                          **cond: Any) -> torch.Tensor:
         """Images -> output tokens (B, N, W) of the last block (no final norm, as in l-DAE)."""
         x, t = self._prepare(x, t, generator)
-        return self._run(x, t, **cond)[0]
+        return self._run(x, t, drop_patches=True, **cond)[0]
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=1) if self.global_pool == 'avg' else x
@@ -364,7 +378,8 @@ class AdaLNViT(FeatureExtractor, nn.Module):
         return dict(
             img_size=list(self.patch_embed.img_size), in_chans=self.in_chans, num_classes=self.num_classes,
             global_pool=self.global_pool or 'avg', class_token=False, qkv_bias=True, final_norm=False, fc_norm=False,
-            act_layer='gelu_tanh', dynamic_img_size=self.dynamic_img_size, **self._arch_args)
+            act_layer='gelu_tanh', dynamic_img_size=self.dynamic_img_size, **self._arch_args,
+            **{k: v for k, v in self._drop_args.items() if v})
 
     def _merged_vit(self, t: float, device: Union[str, torch.device] = 'cpu') -> MergedViT:
         """An uninitialised ``MergedViT`` (built on the meta device, then given memory: no timm init to redo)."""

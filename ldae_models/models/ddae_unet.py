@@ -30,13 +30,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from timm.layers import DropPath
 from timm.models import generate_default_cfgs
 from timm.models._features import FeatureInfo, feature_take_indices
 
 from ..layers.embed import sinusoidal_embedding
 from ..layers.schedules import NoiseSchedule, TimestepLike, create_schedule
 from ._builder import build_model, register_family
-from .extractor import FeatureExtractor
+from .extractor import FeatureExtractor, is_fx_tracing
 
 __all__ = ['UNet', 'DDAEUNet', 'unet_diffusers_to_ddae', 'UNET_CONFIGS']
 
@@ -57,6 +58,7 @@ class ResBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.drop_path: nn.Module = nn.Identity()  # stochastic depth of the residual branch (UNet's drop_path_rate)
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
         if self.resample == 'up':
@@ -70,25 +72,28 @@ class ResBlock(nn.Module):
         h, x = self._resample(h), self._resample(x)
         h = self.conv1(h) + self.temb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        out = self.skip(x) + h
+        out = self.skip(x) + self.drop_path(h)
         return out / math.sqrt(2.0) if self.skip_rescale else out
 
 
 class SelfAttention2d(nn.Module):
     """Single-head spatial self-attention with GroupNorm and a residual connection (Ho et al.)."""
 
-    def __init__(self, ch: int, groups: int, eps: float, skip_rescale: bool = False) -> None:
+    def __init__(self, ch: int, groups: int, eps: float, skip_rescale: bool = False, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0) -> None:
         super().__init__()
         self.skip_rescale = skip_rescale
         self.norm = nn.GroupNorm(groups, ch, eps=eps)
         self.q, self.k, self.v = nn.Linear(ch, ch), nn.Linear(ch, ch), nn.Linear(ch, ch)
         self.proj = nn.Linear(ch, ch)
+        self.attn_drop, self.proj_drop = attn_drop, nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.norm(x).reshape(B, C, H * W).transpose(1, 2)  # (B, HW, C)
-        h = F.scaled_dot_product_attention(self.q(h)[:, None], self.k(h)[:, None], self.v(h)[:, None])[:, 0]
-        out = x + self.proj(h).transpose(1, 2).reshape(B, C, H, W)
+        h = F.scaled_dot_product_attention(self.q(h)[:, None], self.k(h)[:, None], self.v(h)[:, None],
+                                           dropout_p=self.attn_drop if self.training else 0.0)[:, 0]
+        out = x + self.proj_drop(self.proj(h)).transpose(1, 2).reshape(B, C, H, W)
         return out / math.sqrt(2.0) if self.skip_rescale else out
 
 
@@ -154,8 +159,20 @@ class UNet(nn.Module):
             time_flip_sin_to_cos: bool = False,           # cos first instead of sin first
             schedule: Union[str, NoiseSchedule] = 'ddpm',  # what t means: 'ddpm' (a step) or 'edm' (sigma)
             schedule_args: Optional[Dict[str, Any]] = None,  # the schedule's arguments
+            drop_path_rate: float = 0.0,                  # stochastic depth of the residual blocks, rising to this
+            attn_drop_rate: float = 0.0,                  # dropout of the attention weights
+            proj_drop_rate: float = 0.0,                  # dropout after the attention projection
+            pos_drop_rate: float = 0.0,                   # timm's ViT flags: a UNet has no position embedding
+            patch_drop_rate: float = 0.0,                 # ... and no patch tokens: refused unless 0
+            drop_block_rate: Optional[float] = None,      # ... timm's DropBlock: refused unless 0 / None
     ) -> None:
         super().__init__()
+        for flag, value, why in (('pos_drop_rate', pos_drop_rate, 'has no position embedding'),
+                                 ('patch_drop_rate', patch_drop_rate, 'has no patch tokens'),
+                                 ('drop_block_rate', drop_block_rate, 'has no DropBlock')):
+            if value:
+                raise ValueError(f'{flag}={value}: the UNet {why}; it takes drop_path_rate (stochastic depth of its '
+                                 f'residual blocks), dropout (inside them), attn_drop_rate, proj_drop_rate, drop_rate')
         if resample not in ('conv', 'resblock'):
             raise ValueError(f"resample must be 'conv' or 'resblock', got {resample!r}")
         if not isinstance(img_size, int):
@@ -172,11 +189,16 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
         self.conv_in = nn.Conv2d(in_chans, base_channels, 3, padding=1)
 
+        res_blocks: List[ResBlock] = []  # in execution order, for stochastic depth
+
         def res(i: int, o: int, rs: Optional[str] = None) -> ResBlock:
-            return ResBlock(i, o, temb_ch, norm_groups, norm_eps, dropout, resample=rs, skip_rescale=skip_rescale)
+            res_blocks.append(ResBlock(i, o, temb_ch, norm_groups, norm_eps, dropout, resample=rs,
+                                       skip_rescale=skip_rescale))
+            return res_blocks[-1]
 
         def attn(ch: int, r: int) -> Optional[SelfAttention2d]:
-            return SelfAttention2d(ch, norm_groups, norm_eps, skip_rescale) if r in attn_resolutions else None
+            return (SelfAttention2d(ch, norm_groups, norm_eps, skip_rescale, attn_drop_rate, proj_drop_rate)
+                    if r in attn_resolutions else None)
 
         chans, ch, r = [base_channels], base_channels, img_size
         self.down = nn.ModuleList()
@@ -193,7 +215,8 @@ class UNet(nn.Module):
                 chans.append(ch)
                 r //= 2
             self.down.append(_Level(blocks, down))
-        self.mid = nn.ModuleList([ResAttBlock(res(ch, ch), SelfAttention2d(ch, norm_groups, norm_eps, skip_rescale)),
+        self.mid = nn.ModuleList([ResAttBlock(res(ch, ch), SelfAttention2d(ch, norm_groups, norm_eps, skip_rescale,
+                                                                            attn_drop_rate, proj_drop_rate)),
                                   ResAttBlock(res(ch, ch), None)])
         self.up = nn.ModuleList()  # deepest level first, in execution order
         self.block_info: List[Dict[str, Any]] = []  # one entry per decoder block: channels and resolution
@@ -212,6 +235,9 @@ class UNet(nn.Module):
         self.norm_out: Optional[nn.Module] = nn.GroupNorm(norm_groups, ch, eps=norm_eps)
         self.conv_out: Optional[nn.Module] = nn.Conv2d(ch, out_chans, 3, padding=1)
         self.grad_checkpointing = False
+        if drop_path_rate > 0:  # rising linearly over the residual blocks in the order they run, as timm's nets
+            for i, blk in enumerate(res_blocks):
+                blk.drop_path = DropPath(drop_path_rate * i / max(1, len(res_blocks) - 1))
 
     @property
     def decoder_blocks(self) -> List[ResAttBlock]:
@@ -225,7 +251,7 @@ class UNet(nn.Module):
     def _run(self, x: torch.Tensor, t: torch.Tensor, stop_after: Optional[int] = None
              ) -> Tuple[Optional[torch.Tensor], List[torch.Tensor]]:
         """Full pass (or up to decoder block ``stop_after``, 0-based): (noise prediction or None, decoder outputs)."""
-        temb = self.time_embedding(t.reshape(-1).expand(x.shape[0]))
+        temb = self.time_embedding(t.reshape(-1).to(x.device).expand(x.shape[0]))
         h = self.conv_in(x)
         skips = [h]
         for level in self.down:
@@ -298,9 +324,13 @@ class UNet(nn.Module):
 class DDAEUNet(FeatureExtractor, UNet):
     """A UNet used as a DDAE feature extractor: pooled ``out_k`` features at a fixed noise level."""
 
-    fx_traceable = False
-    fx_reason = ('a DDAE UNet checks its input and t in Python and draws its noisy input from a generator; its '
-                 'features_only form gives its decoder maps without a trace')
+    fx_reason = ('its noisy input is drawn from a torch.Generator, which a symbolic trace cannot follow: create it '
+                 'with noisy_input=False to trace it (the input is then taken as it is, clean or noised beforehand)')
+
+    @property
+    def fx_traceable(self) -> bool:
+        """torch.fx traces it when its input is taken as it is (``noisy_input=False``); its checks are skipped then."""
+        return not self.noisy_input
 
     def __init__(
             self,
@@ -313,6 +343,7 @@ class DDAEUNet(FeatureExtractor, UNet):
             noise_seed: int = 0,               # seeds the noisy input of an eval-mode forward (deterministic)
             tap_only: bool = True,             # keep the decoder up to out_k only (what forward uses); False: the
                                                # whole UNet (denoise, taps past out_k), as full_model builds it
+            drop_rate: float = 0.0,            # dropout before the head (timm's)
             **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -332,9 +363,11 @@ class DDAEUNet(FeatureExtractor, UNet):
         self.t = float(self.schedule.timesteps(t, 1, 'cpu')[0])
         self.num_features = self.head_hidden_size = self.block_info[out_k - 1]['num_chs']
         self.num_classes = num_classes
+        self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [dict(module=f'decoder_blocks.{i}', num_chs=b['num_chs'], reduction=b['reduction'])
-                             for i, b in enumerate(self.block_info)]
+        paths = [f'up.{i}.blocks.{j}' for i, level in enumerate(self.up) for j in range(len(level.blocks))]
+        self.feature_info = [dict(module=path, num_chs=b['num_chs'], reduction=b['reduction'])
+                             for path, b in zip(paths, self.block_info)]
         self.pruned_prefixes: List[str] = []  # the state-dict prefixes of what pruning removed
         if tap_only:
             self._prune_after(out_k - 1)
@@ -369,10 +402,16 @@ class DDAEUNet(FeatureExtractor, UNet):
         """
         if output_fmt != 'NCHW':
             raise ValueError(f"a UNet's intermediates are feature maps: output_fmt must be 'NCHW', got {output_fmt!r}")
-        x = self.encode_input(x)
-        t = self.schedule.timesteps(self.t if t is None else t, x.shape[0], x.device)
+        noisy = self.noisy_input if noisy_input is None else noisy_input
+        if is_fx_tracing():  # a trace: the model's t as a constant (1,), broadcast over the batch; no check, no noise
+            if noisy:
+                raise ValueError(f'{type(self).__name__}: {self.fx_reason}')
+            t = self.schedule.timesteps(self.t, 1, 'cpu')
+        else:
+            x = self.encode_input(x)
+            t = self.schedule.timesteps(self.t if t is None else t, x.shape[0], x.device)
         take, max_index = feature_take_indices(self.num_taps, indices)
-        if self.noisy_input if noisy_input is None else noisy_input:
+        if noisy:
             x = self.noise_input(x, t, generator=self._noise_generator(x, generator))[0]
         x_in, t_in = self.schedule.network_input(x, t)
         tap = self.out_k - 1
@@ -385,7 +424,7 @@ class DDAEUNet(FeatureExtractor, UNet):
         """The generator of the noisy input: the one given, else the model's; in eval mode without either, a fresh one
         seeded by ``noise_seed``, so that an eval-mode forward of the same batch gives the same features."""
         generator = generator or self.generator
-        if generator is None and not self.training:
+        if generator is None and not self.training and x.device.type != 'meta':  # meta: no values to seed
             generator = torch.Generator(x.device).manual_seed(self.noise_seed)
         return generator
 
@@ -442,6 +481,7 @@ class DDAEUNet(FeatureExtractor, UNet):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == 'avg':
             x = x.mean(dim=(-2, -1))
+        x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor, t: TimestepLike = None, generator: Optional[torch.Generator] = None
@@ -450,6 +490,22 @@ class DDAEUNet(FeatureExtractor, UNet):
 
     def get_classifier(self) -> nn.Module:
         return self.head
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return set()  # no position embedding or tokens: norms and biases are 1-D, spared by the optimizer already
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Layer groups for layer-wise lr decay (timm's ``param_groups_layer_decay``), in the order the UNet runs: the
+        stem (time MLP, input conv), each encoder level's blocks, the mid blocks, each decoder block, the head."""
+        if coarse:
+            return dict(stem=r'^time_mlp|^conv_in', blocks=[(r'^down\.(\d+)', None), (r'^mid', (99990,)),
+                                                          (r'^up\.(\d+)', (99991,)), (r'^norm_out|^conv_out', (99999,))])
+        return dict(stem=r'^time_mlp|^conv_in',
+                    blocks=[(r'^down\.(\d+)\.blocks\.(\d+)', None), (r'^down\.(\d+)\.resample', (99980,)),
+                            (r'^mid\.(\d+)', (99990,)), (r'^up\.(\d+)\.blocks\.(\d+)', (99991,)),
+                            (r'^up\.(\d+)\.resample', (99992,)), (r'^norm_out|^conv_out', (99999,))])
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """A new head of ``num_classes`` (0: none) on the model's device and dtype; ``global_pool`` 'avg' or ''."""
@@ -464,9 +520,12 @@ class DDAEUNet(FeatureExtractor, UNet):
         self.head = (nn.Linear(self.num_features, num_classes, device=w.device, dtype=w.dtype) if num_classes > 0
                      else nn.Identity())
 
-    def features_only_net(self, out_indices: Optional[Sequence[int]]) -> nn.Module:
-        default = tuple(range(self.num_taps))[1::2]  # every other decoder block up to the tap (1, 3, 5 for out_6)
-        return DecoderFeatures(self, out_indices=default if out_indices is None else out_indices)
+    def features_only_net(self, out_indices: Optional[Sequence[int]], feature_cls: Optional[str] = None) -> nn.Module:
+        """timm's ``features_only``: the decoder maps of ``out_indices`` (default every other block up to the tap: 1,
+        3, 5 for out_6), from ``forward_intermediates``, or from a torch.fx graph (``feature_cls='fx'``)."""
+        default = tuple(range(self.num_taps))[1::2]
+        indices = default if out_indices is None else out_indices
+        return DecoderGraphFeatures(self, indices) if feature_cls == 'fx' else DecoderFeatures(self, indices)
 
 
 class DecoderFeatureInfo(FeatureInfo):
@@ -480,9 +539,11 @@ class DecoderFeatureInfo(FeatureInfo):
 class DecoderFeatures(nn.Module):
     """``features_only`` for a DDAE UNet: the feature maps of the decoder blocks ``out_indices`` (0-based)."""
 
-    def __init__(self, model: DDAEUNet, out_indices: Sequence[int] = (1, 3, 5)) -> None:
+    def __init__(self, model: DDAEUNet, out_indices: Union[int, Sequence[int]] = (1, 3, 5)) -> None:
         super().__init__()
-        take, _ = feature_take_indices(len(model.block_info), list(out_indices))
+        # timm's rules over the blocks the model keeps: negative indices count from its last, an int n is the last n
+        take, _ = feature_take_indices(model.num_taps, out_indices if isinstance(out_indices, int) else
+                                       list(out_indices))
         model.reset_classifier(0)
         self.model = model
         self.out_indices = tuple(take)
@@ -492,6 +553,24 @@ class DecoderFeatures(nn.Module):
                 ) -> List[torch.Tensor]:
         return self.model.forward_intermediates(x, t, indices=list(self.out_indices), intermediates_only=True,
                                                 generator=generator)
+
+
+class DecoderGraphFeatures(nn.Module):
+    """``features_only`` with ``feature_cls='fx'``: the same maps as ``DecoderFeatures``, from a torch.fx graph of the
+    UNet (timm's ``create_feature_extractor``; needs ``noisy_input=False``)."""
+
+    def __init__(self, model: DDAEUNet, out_indices: Union[int, Sequence[int]]) -> None:
+        super().__init__()
+        from timm.layers._fx import create_feature_extractor
+        take, _ = feature_take_indices(model.num_taps, out_indices if isinstance(out_indices, int) else
+                                       list(out_indices))
+        model.reset_classifier(0)
+        self.out_indices = tuple(take)
+        self.feature_info = DecoderFeatureInfo([dict(fi) for fi in model.feature_info], self.out_indices)
+        self.graph_module = create_feature_extractor(model, {model.feature_info[i]['module']: str(i) for i in take})
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return list(self.graph_module(x).values())
 
 
 # -- converter ----------------------------------------------------------------------------------------------

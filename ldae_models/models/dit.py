@@ -137,6 +137,8 @@ class DiTEncoder(AdaLNViT):
     State dict keys are ``AdaLNViT``'s (``patch_embed`` for DiT's ``x_embedder``) plus ``y_embedder``.
     """
 
+    latent_input = True  # its weights take SD-VAE latents (images go through vae=)
+
     default_t = 121.0  # DDAE's best t for DiT-XL/2 features on CIFAR-10
 
     def __init__(self, *args: Any, num_labels: int = 1000, y: int = 1000, class_dropout_prob: float = 0.1,

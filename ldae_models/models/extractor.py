@@ -26,6 +26,12 @@ import torch.nn as nn
 
 from ..layers.schedules import NoiseSchedule
 
+
+def is_fx_tracing() -> bool:
+    """Whether torch.fx is tracing (checks in Python would branch on traced values: they are skipped)."""
+    from torch.fx import _symbolic_trace as fx
+    return (getattr(fx, 'is_fx_symbolic_tracing', None) or fx.is_fx_tracing)()
+
 __all__ = ['FeatureExtractor', 'TimmFeatures', 'as_extractor', 'FeatureDict', 'LayerSpec', 'TimestepSpec']
 
 FeatureDict = Dict[Tuple[int, Optional[float]], torch.Tensor]

@@ -5,7 +5,7 @@ encoder alone cannot do it (a merged ViT, or any DiT given a VAE): ``images -> [
 -> model``. It answers the encoder contract by delegation: the VAE encodes once per batch (``encode_input``), the
 noise is the model's schedule at t (``noise_input``), the taps are the model's.
 """
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -89,3 +89,36 @@ class DiffusionInput(FeatureExtractor, nn.Module):
     def forward_intermediates(self, x: torch.Tensor, *args: Any, generator: Optional[torch.Generator] = None,
                               **kwargs: Any) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         return self.model.forward_intermediates(self.prepare(x, generator), *args, **kwargs)
+
+    # -- timm's model API, the encoder's (what timm's train.py, validate.py and optimizers call) ------------------------
+    def forward_features(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return self.model.forward_features(self.prepare(x, generator))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.model.forward_head(x, pre_logits=pre_logits)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    def get_classifier(self) -> nn.Module:
+        return self.model.get_classifier()
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.model.reset_classifier(num_classes, global_pool)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {f'model.{n}' for n in getattr(self.model, 'no_weight_decay', lambda: set())()}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """The encoder's layer groups, under ``model.`` (the frozen VAE has no trained parameter)."""
+        def under(pattern: str) -> str:
+            return '|'.join('^model\\.' + alt.lstrip('^') for alt in pattern.split('|'))
+        inner = self.model.group_matcher(coarse)
+        return {k: under(v) if isinstance(v, str) else [(under(p), o) for p, o in v] for k, v in inner.items()}
