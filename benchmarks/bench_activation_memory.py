@@ -4,7 +4,8 @@ bf16, and FLOPs (forward + backward, PyTorch's counter) with what they mean for 
 The tensors autograd saves for the backward pass are summed (each storage once) while the whole DAE computes its
 training loss under bf16 autocast on a small batch; divided by the batch this is the activation memory per image
 that a GPU must hold at the peak of a step (plus the weights, their gradients, AdamW's two moments and, with EMA, a
-copy: ``recipes.static_bytes``). The recipes (``ldae_models/recipes.py``) pick their micro-batch from this table.
+copy: ``memory.static_bytes``). The memory plan
+(``ldae_models/jobs/memory.py``, ``ACTIVATION_MIB``) picks the micro-batch from this table.
 The cost columns: GPU-hours of ``--epochs`` over ImageNet-1k's 1,281,167 images at ``--mfu`` of an H100's dense
 bf16 peak (989 TFLOP/s), and the wall time on 8 such GPUs when the data loader keeps up (not measured on a GPU).
 

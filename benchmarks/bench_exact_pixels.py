@@ -15,7 +15,9 @@ wrong match would show), then, for one checkpoint at (block, t):
 
 each for the checkpoint and for the floors: a randomly initialised network of its shape and the raw pixels.
 
-    python benchmarks/bench_exact_pixels.py --jpeg-npz CIFAR10-JPEG.npz --exact-npz CIFAR10-EXACT-SUBSET.npz \\
+    ldae-models pack --dataset cifar10 --data-root ~/data --download --out cifar10.npz           # JPEG, quality 95
+    ldae-models pack --dataset cifar10 --data-root ~/data --raw --max-train 500 --max-test 100 --out cifar10-exact.npz
+    python benchmarks/bench_exact_pixels.py --jpeg-npz cifar10.npz --exact-npz cifar10-exact.npz \\
         --out runs/exact_pixels.json
 """
 import argparse

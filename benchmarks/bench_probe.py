@@ -12,7 +12,8 @@ clean input, extracted once (timed), then:
 
 The same is done for a randomly initialised timm ViT of the same shape and for the raw pixels (the floors).
 
-    python benchmarks/bench_probe.py --model ldae_vit_tiny_patch4_32.cifar10 --npz CIFAR10.npz --out OUT.json
+    ldae-models pack --dataset cifar10 --data-root ~/data --download --out cifar10.npz   # torchvision's CIFAR-10
+    python benchmarks/bench_probe.py --model ldae_vit_tiny_patch4_32.cifar10 --npz cifar10.npz --out OUT.json
 """
 import argparse
 import json

@@ -8,7 +8,8 @@ them, on the same splits, linear probes of the floors (a random student of the s
 the teacher at its own tap. A finished run is not run again (``WORK/RUN/row.json``, keyed by its config). Every student is then
 measured on the whole test split.
 
-    python benchmarks/bench_repfusion.py --npz CIFAR10.npz --work runs/repfusion --train-images 10000 \\
+    ldae-models pack --dataset cifar10 --data-root ~/data --download --out cifar10.npz   # torchvision's CIFAR-10
+    python benchmarks/bench_repfusion.py --npz cifar10.npz --work runs/repfusion --train-images 10000 \\
         --epochs 3 --task-epochs 5 --out benchmarks/results/bench_repfusion_cpu.json
 """
 import argparse
@@ -20,18 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldae_models.data import load_split, normalize
+from ldae_models.data import load_split
 from ldae_models.jobs.repfusion import DistillConfig, distill
 
 
-@torch.no_grad()
-def top1(student_dir: Path, test, batch: int = 500) -> float:
+def top1(student_dir: Path, test) -> float:
+    """The exported student (``OUT/student``, loaded by plain timm) on the whole test split."""
     import timm
-    model = timm.create_model(f'local-dir:{student_dir}', pretrained=True).eval()
-    correct = 0
-    for images, labels in test.batches(batch):
-        correct += (model(normalize(images)).argmax(1) == labels).sum().item()
-    return round(100.0 * correct / len(test), 2)
+    from ldae_models.probe import classifier_top1
+    model = timm.create_model(f'local-dir:{student_dir}', pretrained=True)
+    return round(classifier_top1(model, test, img_size=test.images.shape[-1]), 2)
 
 
 def linear_floors(student: str, teacher: str, train, test) -> dict:

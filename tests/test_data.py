@@ -155,3 +155,27 @@ def test_the_cifar_resnet_keeps_32_px_through_its_stem():
     assert sum(p.numel() for p in net.parameters()) == 11_173_962 and net.conv1.kernel_size == (3, 3)
     with pytest.raises(ValueError, match='no pretrained weights'):
         timm.create_model('resnet18_cifar', pretrained=True)
+
+
+def test_pack_writes_the_npz_layouts_exact_or_jpeg_and_keeps_the_test_split_whole(folder, tmp_path):
+    """``ldae-models pack``: ``--raw`` stores the decoded pixels exactly (the same images as the folder, labels with
+    them); the JPEG layout reads back within JPEG's error; ``--max-bytes`` takes from the train split first."""
+    from ldae_models.cli import main
+
+    def rows(split):  # each image's bytes with its label, order-free
+        return sorted((bytes(x.numpy().tobytes()), int(y)) for x, y in zip(split.images, split.labels))
+    assert main(['pack', '--data-root', str(folder), '--out', str(tmp_path / 'raw.npz'), '--raw']) == 0
+    for s in ('train', 'test'):
+        assert rows(D.load_split('npz', tmp_path / 'raw.npz', s)) == rows(D.load_split('folder', folder, s))
+    assert main(['pack', '--data-root', str(folder), '--out', str(tmp_path / 'j.npz')]) == 0
+    jpeg, png = (D.load_split(k, p, 'test') for k, p in (('npz', tmp_path / 'j.npz'), ('folder', folder)))
+    assert len(jpeg) == 16 and sorted(jpeg.labels.tolist()) == sorted(png.labels.tolist())
+    with np.load(tmp_path / 'j.npz') as z:
+        test_bytes, train_bytes = int(z['test_offsets'][-1]), int(z['train_offsets'][-1])
+    budget = test_bytes + train_bytes // 2
+    assert main(['pack', '--data-root', str(folder), '--out', str(tmp_path / 'small.npz'),
+                 '--max-bytes', str(budget)]) == 0
+    with np.load(tmp_path / 'small.npz') as z:
+        assert len(z['y_test']) == 16 and 0 < len(z['y_train']) < 40
+        assert int(z['test_offsets'][-1]) + int(z['train_offsets'][-1]) <= budget
+    assert not list(tmp_path.glob('*.tmp.npz'))

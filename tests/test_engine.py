@@ -78,6 +78,18 @@ def test_schedule_follows_the_runs_real_length(folder, tmp_path, capsys):
     assert any('covers the whole run' in r.get('message', '') for r in logs(tmp_path / 'w'))
 
 
+def test_a_config_built_in_python_is_checked_like_its_flags():
+    """A value outside a field's choices or bounds is refused where the config is made, naming its flag (a config
+    built in Python gets the command line's message, not a KeyError deep in the run)."""
+    from ldae_models.jobs.repfusion import DistillConfig
+    with pytest.raises(ValueError, match="--policy must be one of fixed, random, reinforce; got 'uniform'"):
+        DistillConfig(policy='uniform')
+    with pytest.raises(ValueError, match='--aug must be one of center, flip, rrc, pad_crop'):
+        T.TrainConfig(aug='crop')
+    with pytest.raises(ValueError, match='--batch-size must be >= 1, got 0'):
+        T.TrainConfig(batch_size=0)
+
+
 def test_precision_is_bf16_where_the_device_has_it(monkeypatch):
     monkeypatch.setattr(E.runtime, 'cpu_has_native_bf16', lambda: False)
     with pytest.warns(UserWarning, match='no native bf16.*many times slower'):

@@ -65,10 +65,10 @@ def test_the_denoising_figure_of_a_trained_run(folder, tmp_path):
 def test_the_planned_memory_is_logged_beside_the_measured_peak_on_a_gpu():
     """What the first steps of a GPU run log (here without a GPU: the plan itself): DDP's gradient buckets and the
     bf16 weight copies are in the plan."""
-    from ldae_models.jobs import recipes as R
-    params = R.param_count('ldae_vit_large_patch16_256')
-    one, eight = R.static_bytes(params, ema=False, world=1), R.static_bytes(params, ema=False, world=8)
+    from ldae_models.jobs import memory as M
+    params = M.param_count('ldae_vit_large_patch16_256')
+    one, eight = M.static_bytes(params, ema=False, world=1), M.static_bytes(params, ema=False, world=8)
     assert one == params * 18 and eight == params * 22  # 16 (fp32 weights, grads, 2 moments) + 2 (bf16) + 4 (DDP)
     obj = T.DenoisingObjective(T.build_model(T.TrainConfig(model='ldae_vit_tiny_patch4_32')),
                                T.TrainConfig(model='ldae_vit_tiny_patch4_32'))
-    assert obj.planned_memory_gb(64, 8, False) == R.planned_gb('ldae_vit_tiny_patch4_32', 64, 8, False, False) > 0
+    assert obj.planned_memory_gb(64, 8, False) == M.planned_gb('ldae_vit_tiny_patch4_32', 64, 8, False, False) > 0

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ldae_models.jobs import recipes as R
+from ldae_models.jobs import memory as M, recipes as R
 from ldae_models.cli import main
 
 
@@ -31,10 +31,10 @@ def test_flags_override_and_the_micro_batch_is_planned():
     assert cfg.epochs == 800 and sources['epochs'] == 'flag'
     # ViT-B on 80 GB: 409 MiB an image, so 128 of the 256 per GPU fit without checkpointing: 2 micro-batches
     assert (cfg.accum_steps, cfg.grad_checkpointing) == (2, False) and 'micro-batch 128 of 256' in sources['accum_steps']
-    plan = R.plan_memory('ldae_vit_large_patch16_256', 2048, 8, 40)  # ViT-L on 40 GB: 17 fit plain, so checkpoint
+    plan = M.plan_memory('ldae_vit_large_patch16_256', 2048, 8, 40)  # ViT-L on 40 GB: 17 fit plain, so checkpoint
     assert (plan['micro_batch'], plan['accum_steps'], plan['grad_checkpointing']) == (256, 1, True)
-    assert plan['planned_gb'] <= 40 * R.GPU_MEM_MARGIN
-    plan = R.plan_memory('ldae_vit_base_patch16_256', 2048, 1, 80, micro_batch=64)  # fixed: 32 accumulated
+    assert plan['planned_gb'] <= 40 * M.GPU_MEM_MARGIN
+    plan = M.plan_memory('ldae_vit_base_patch16_256', 2048, 1, 80, micro_batch=64)  # fixed: 32 accumulated
     assert (plan['micro_batch'], plan['accum_steps'], plan['grad_checkpointing']) == (64, 32, False)
     cfg = R.train_config('ldae_vit_b_in1k', accum_steps=4)  # an explicit accumulation is kept as it is
     assert cfg.accum_steps == 4 and not cfg.grad_checkpointing

@@ -38,6 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument('--max-bytes', type=at_least(0), default=0, help='at most this many bytes of images (0: no limit)')
     p.add_argument('--quality', type=at_least(1), default=95, help='JPEG quality of encoded images (default: 95)')
     p.add_argument('--seed', type=int, default=0, help='seed of the subsets (default: 0)')
+    p.add_argument('--raw', action='store_true', help='store decoded pixels (x_{split}, N x H x W x 3 uint8: exact, '
+                   'larger) instead of JPEG bytes; the images must share one size (CIFAR-10)')
     p.set_defaults(run=run_pack)
 
 
@@ -92,6 +94,20 @@ def _jpeg(item, quality: int) -> bytes:
     return buf.getvalue()
 
 
+class _Blob(np.ndarray):
+    """Decoded pixels (H, W, 3) that measure their bytes like encoded ones (``len``: for --max-bytes)."""
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+
+def _pixels(item, name: str) -> np.ndarray:
+    """An item's decoded pixels (H, W, 3) uint8, exactly as stored (no resize)."""
+    from ..data import decode_batch
+    img = decode_batch([item], None, names=[name])[0]
+    return img.permute(1, 2, 0).contiguous().numpy().view(_Blob)
+
+
 def run_pack(args: argparse.Namespace) -> int:
     from ..data import check_data_root, open_split
     from ..progress import Progress
@@ -112,7 +128,7 @@ def run_pack(args: argparse.Namespace) -> int:
         blobs = []
         with Progress(len(data), f'pack {split}') as bar:
             for i in range(len(data)):
-                blobs.append(_jpeg(data.item(i), args.quality))
+                blobs.append(_pixels(data.item(i), data.name(i)) if args.raw else _jpeg(data.item(i), args.quality))
                 bar.update(1)
         splits[split] = dict(blobs=blobs, labels=data.labels.numpy())
     sizes = {s: np.cumsum([0] + [len(b) for b in v['blobs']]) for s, v in splits.items()}  # bytes of the first k
@@ -127,8 +143,14 @@ def run_pack(args: argparse.Namespace) -> int:
     arrays = dict(classes=np.array(classes))
     for s, v in splits.items():
         blobs = v['blobs'][:keep[s]]
-        arrays[f'{s}_jpeg'] = np.frombuffer(b''.join(blobs), dtype=np.uint8)
-        arrays[f'{s}_offsets'] = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+        if args.raw:
+            shapes = {b.shape for b in blobs}
+            if len(shapes) > 1:
+                raise ValueError(f'--raw needs images of one size; the {s} split has {sorted(shapes)[:3]}')
+            arrays[f'x_{s}'] = np.stack(blobs) if blobs else np.zeros((0, 32, 32, 3), np.uint8)
+        else:
+            arrays[f'{s}_jpeg'] = np.frombuffer(b''.join(blobs), dtype=np.uint8)
+            arrays[f'{s}_offsets'] = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
         arrays[f'y_{s}'] = v['labels'][:keep[s]].astype(np.int64)
     tmp = args.out + '.tmp.npz'
     np.savez(tmp, **arrays)

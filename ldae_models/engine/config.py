@@ -18,19 +18,24 @@ def arg(default: Any, help: str, **kw: Any) -> Any:
         return field(default_factory=factory, metadata=dict(help=help, **kw))
     return field(default=default, metadata=dict(help=help, **kw))
 
+
 def check_bounds(cfg: Any) -> None:
-    """Refuse a field outside the bounds its metadata states (``min``, ``above``, ``below``), naming its flag."""
+    """Refuse a field outside the bounds its metadata states (``choices``, ``min``, ``above``, ``below``), naming its
+    flag: the command line checks them too, a config built in Python gets the same message."""
     for f in dataclasses.fields(cfg):
         value, meta = getattr(cfg, f.name), f.metadata
+        flag = '--' + f.name.replace('_', '-')
+        if meta.get('choices') and value is not None and value not in meta['choices']:
+            raise ValueError(f'{flag} must be one of {", ".join(map(str, meta["choices"]))}; got {value!r}')
         if value is None or isinstance(value, (bool, str, dict)) or not any(k in meta for k in ('min', 'above', 'below')):
             continue
-        flag = '--' + f.name.replace('_', '-')
         if 'min' in meta and not value >= meta['min']:
             raise ValueError(f'{flag} must be >= {meta["min"]}, got {value}')
         if 'above' in meta and not value > meta['above']:
             raise ValueError(f'{flag} must be > {meta["above"]}, got {value}')
         if 'below' in meta and not value < meta['below']:
             raise ValueError(f'{flag} must be < {meta["below"]}, got {value}')
+
 
 @dataclass
 class RunConfig:

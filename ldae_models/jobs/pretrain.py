@@ -26,6 +26,7 @@ from ..engine import Context, Objective, RunConfig, StageResult, Stream, arg, ep
 from ..layers.pca import LATENT_SCALES
 from ..layers.schedules import SCHEDULES, TARGETS, randn
 from ..models.ldae_vit import NOISE_SPACES
+from .memory import ACTIVATION_MIB, planned_gb
 
 __all__ = ['TrainConfig', 'DenoisingObjective', 'train', 'build_model', 'fit_pca', 'export_final']
 
@@ -121,8 +122,7 @@ class DenoisingObjective(Objective):
         return export_final(trained, self.cfg, out)
 
     def planned_memory_gb(self, micro_batch: int, world: int, ema: bool) -> Optional[float]:
-        """The memory plan of ``recipes`` for this model and micro-batch (None: no measured activation size)."""
-        from .recipes import ACTIVATION_MIB, planned_gb
+        """The memory plan (``memory.planned_gb``) of this model and micro-batch (None: no measured activation size)."""
         if self.cfg.model not in ACTIVATION_MIB:
             return None
         return planned_gb(self.cfg.model, micro_batch, world, ema, self.cfg.grad_checkpointing)
