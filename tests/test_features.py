@@ -4,7 +4,6 @@ and the fast probe with its floors on the result."""
 import json
 import shutil
 
-import pytest
 
 from ldae_models.cli import main
 

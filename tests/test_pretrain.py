@@ -3,7 +3,6 @@ objective of a UNet, the single-level ablation's encoder, the recipes' memory pl
 trained run."""
 import json
 
-import pytest
 import timm
 import torch
 from safetensors.torch import load_file

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from ..progress import Progress
-from .decode import Packed, decode_readable, pack
+from .decode import decode_readable, pack
 from .splits import ArraySplit, ImageData, Split, open_split
 
 __all__ = ['stream', 'read_batches', 'sequential', 'decode_split', 'load_split', 'training_data', 'fits_in_memory',

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..data import ImageData, Split, augment, check_data_root, normalize, open_split, training_data
+from ..data import ImageData, augment, check_data_root, normalize, open_split, training_data
 from ..progress import Progress
 from .checkpoint import CKPT_NAME, Checkpoints, check_output, check_resume, load_checkpoint, undo_on_failure
 from .config import RunConfig

@@ -11,7 +11,7 @@ any number of GPUs: ``accum_steps = batch / (world x micro-batch)``.
     torchrun --nproc_per_node 8 -m ldae_models train --recipe ldae_vit_large_in1k --gpu-mem-gb 40 ...
 """
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Any, Dict
 
 from ..engine import ADAMW_BETAS_SOURCE
 from .memory import plan_memory
