@@ -225,10 +225,11 @@ class _Stage:
             self._write_config()
             log.open(self.out)
         log.stage('data', dataset=cfg.dataset, root=str(cfg.data_root))
+        bad = 'fill' if cfg.skip_bad_images else 'raise'  # an unreadable image: another of its batch, or stop
         data, why = training_data(split, objective.img_size, cfg.in_memory, self.device, cfg.workers,
                                   self._barrier, progress=self.is_main and not cfg.quiet, key=str(self.out.resolve()),
                                   agree=self._context().agree,
-                                  bad='fill' if cfg.skip_bad_images else 'raise', on_bad=self._skipped)
+                                  bad=bad, on_bad=self._skipped)
         log(event='data', images=len(split), how=why)
 
         # 3. the model, the optimizer and the state: resumed, or prepared
@@ -284,7 +285,7 @@ class _Stage:
         t0, seen, step = time.time(), 0, start
         with Progress(total, 'train', unit='step', enabled=self.is_main and not cfg.quiet, initial=start) as bar:
             for step, micro_batches in batches.read(data, start, total, objective.img_size, self.device, cfg.workers,
-                                                    'fill' if cfg.skip_bad_images else 'raise', self._skipped):
+                                                    bad, self._skipped):
                 lr = lr_at(step, total, warmup, peak_lr, milestones=milestones, gamma=cfg.lr_gamma)
                 for group in opt.param_groups:
                     group['lr'] = lr
